@@ -1,0 +1,84 @@
+"""Fine-tune Stable Diffusion with LOOP on the LAION aesthetic score (or JPEG (in)compressibility).
+
+    accelerate launch examples/train_aesthetic.py                       # SD 1.5, aesthetic reward
+    accelerate launch examples/train_aesthetic.py --config examples/configs/aesthetic_sd15.yaml
+    accelerate launch examples/train_aesthetic.py --push_to_hub --hub_model_id you/sd15-loop-aesthetic
+
+Every option of LOOPConfig and of ScriptArguments below is a flag; --help lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import TrlParser
+
+from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
+from loop_trl.hooks import log_images_hook
+from loop_trl.rewards import AestheticReward, JpegCompressibility, JpegIncompressibility
+
+ANIMALS = [
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+]
+
+
+@dataclass
+class ScriptArguments:
+    """Model, LoRA, reward and prompt options of this script (LOOPConfig holds the rest)."""
+
+    pretrained_model: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format."})
+    pretrained_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the full UNet (False)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    init_adapter: Optional[str] = field(default=None, metadata={"help": "Start from this LoRA adapter (folder or Hub id) instead of a new one."})
+    reward: str = field(default="aesthetic", metadata={"help": "'aesthetic', 'jpeg_compressibility' or 'jpeg_incompressibility'."})
+    aesthetic_clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP model (Hub id or folder) of the aesthetic reward."})
+    aesthetic_head: str = field(default="trl-lib/ddpo-aesthetic-predictor", metadata={"help": "Aesthetic MLP head: Hub repository, folder or file."})
+    aesthetic_head_filename: str = field(default="aesthetic-model.pth", metadata={"help": "The head's file name in its repository or folder."})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": "A text file with one prompt per line; default: 45 animal names."})
+    log_images: bool = field(default=True, metadata={"help": "Log a few samples per epoch to the tracker (with --log_with)."})
+
+
+def make_reward(args: ScriptArguments):
+    if args.reward == "aesthetic":
+        return AestheticReward(clip_model=args.aesthetic_clip_model, head=args.aesthetic_head,
+                               head_filename=args.aesthetic_head_filename)
+    if args.reward == "jpeg_compressibility":
+        return JpegCompressibility()
+    if args.reward == "jpeg_incompressibility":
+        return JpegIncompressibility()
+    raise ValueError(f"--reward must be 'aesthetic', 'jpeg_compressibility' or 'jpeg_incompressibility', got {args.reward!r}.")
+
+
+def make_prompts(args: ScriptArguments):
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            return [line.strip() for line in f if line.strip()]
+    return lambda: (random.choice(ANIMALS), {})  # the trainer seeds `random` from config.seed
+
+
+def main() -> None:
+    parser = TrlParser((LOOPConfig, ScriptArguments))
+    config, args = parser.parse_args_and_config()
+    reward = make_reward(args)
+    policy = LOOPStableDiffusionPipeline.from_pretrained(
+        args.pretrained_model, revision=args.pretrained_revision, use_lora=args.use_lora,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, adapter=args.init_adapter,
+    )
+    trainer = LOOPTrainer(config, reward, make_prompts(args), policy,
+                          image_samples_hook=log_images_hook() if args.log_images else None)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"Adapter and model card written to {os.path.abspath(config.output_dir)}")
+
+
+if __name__ == "__main__":
+    main()

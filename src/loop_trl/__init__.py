@@ -1,0 +1,23 @@
+"""loop-trl: reinforcement learning for text-to-image diffusion models with LOOP (leave-one-out PPO)."""
+
+from .advantages import PerPromptStatTracker, compute_advantages, leave_one_out_advantages
+from .config import LOOPConfig
+from .objective import clipped_surrogate
+from .pipelines import DiffusionPolicy, LOOPStableDiffusionPipeline, Trajectories
+from .sampling import ddim_step_with_logprob
+from .trainer import LOOPTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiffusionPolicy",
+    "LOOPConfig",
+    "LOOPStableDiffusionPipeline",
+    "LOOPTrainer",
+    "PerPromptStatTracker",
+    "Trajectories",
+    "clipped_surrogate",
+    "compute_advantages",
+    "ddim_step_with_logprob",
+    "leave_one_out_advantages",
+]

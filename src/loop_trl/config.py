@@ -1,0 +1,164 @@
+"""``LOOPConfig``: every option of a LOOP run, with its help text and its validation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["LOOPConfig"]
+
+_ESTIMATORS = ("loo", "group_norm", "per_prompt_tracker", "batch_norm")
+_TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
+
+
+@dataclass
+class LOOPConfig:
+    r"""Configuration of [`LOOPTrainer`], field-compatible with TRL's former ``DDPOConfig``.
+
+    Parameters are grouped as follows (run ``python examples/train_aesthetic.py --help`` for the
+    full text of each):
+
+    > General: ``exp_name``, ``run_name``, ``seed``, ``num_epochs``, ``output_dir``,
+      ``mixed_precision``, ``allow_tf32``, ``log_with``, ``tracker_project_name``,
+      ``tracker_kwargs``, ``accelerator_kwargs``, ``project_kwargs``.
+
+    > Checkpoints and the Hub: ``save_freq``, ``num_checkpoint_limit``, ``resume_from``,
+      ``push_to_hub``, ``hub_model_id``, ``hub_private``.
+
+    > Sampling: ``sample_num_steps``, ``sample_eta``, ``sample_guidance_scale``,
+      ``sample_batch_size``, ``sample_num_batches_per_epoch``, ``negative_prompts``,
+      ``num_samples_per_prompt`` (K).
+
+    > Advantages: ``advantage_estimator``, ``per_prompt_stat_tracking``,
+      ``per_prompt_stat_tracking_buffer_size``, ``per_prompt_stat_tracking_min_count``,
+      ``train_adv_clip_max``.
+
+    > Training: ``train_batch_size``, ``train_learning_rate``, ``train_adam_*``,
+      ``train_use_8bit_adam``, ``train_gradient_accumulation_steps``, ``train_max_grad_norm``,
+      ``train_num_inner_epochs``, ``train_cfg``, ``train_clip_range``,
+      ``train_timestep_fraction``.
+
+    Batch sizes are per process. Each sampling batch of ``sample_batch_size`` images holds
+    ``sample_batch_size / num_samples_per_prompt`` prompts, each drawn K times.
+    """
+
+    # General
+    exp_name: str = field(default="loop", metadata={"help": "Name of this experiment; the wandb run name unless run_name is set."})
+    run_name: str = field(default="", metadata={"help": "Run name for wandb; empty uses exp_name."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw: prompts, sampling noise, shuffling. Process i uses a stream derived from (seed, epoch, i)."})
+    num_epochs: int = field(default=100, metadata={"help": "Number of epochs. One epoch samples, scores, and trains on sample_batch_size * sample_num_batches_per_epoch images per process."})
+    output_dir: str = field(default="loop-output", metadata={"help": "Folder for checkpoints (output_dir/checkpoints), tracker logs (output_dir/logs) and the final adapter and model card."})
+    mixed_precision: str = field(default="fp16", metadata={"help": "'no', 'fp16' or 'bf16'. The frozen VAE, text encoder (and UNet base weights with LoRA) run in this dtype; trainable weights always stay fp32."})
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere or newer GPUs (faster, slightly less precise)."})
+    log_with: Optional[str] = field(default=None, metadata={"help": "Tracker for metrics: 'tensorboard', 'wandb', 'comet_ml', 'mlflow', ... or 'all'. None logs to the progress bar only."})
+    tracker_project_name: str = field(default="loop-trl", metadata={"help": "Project name passed to the trackers."})
+    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword arguments for the trackers, e.g. '{\"wandb\": {\"entity\": \"me\"}}'."})
+    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.Accelerator."})
+    project_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.utils.ProjectConfiguration."})
+
+    # Checkpoints and the Hub
+    save_freq: int = field(default=1, metadata={"help": "Write a resumable checkpoint every this many epochs."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints; older ones are deleted."})
+    resume_from: str = field(default="", metadata={"help": "Resume from a checkpoint folder, or 'latest' for the newest one under output_dir/checkpoints. Empty starts fresh."})
+    push_to_hub: bool = field(default=False, metadata={"help": "At the end of train(), save the LoRA adapter and model card and upload them to hub_model_id."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository ('user/name') that push_to_hub uploads to."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+    # Sampling
+    sample_num_steps: int = field(default=50, metadata={"help": "Number of DDIM denoising steps T per image."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (> 0): the sampler's stochasticity. Each step's log-probability needs eta > 0."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale; 1.0 disables guidance."})
+    sample_batch_size: int = field(default=8, metadata={"help": "Images per sampling batch per process; a multiple of num_samples_per_prompt."})
+    sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per epoch per process."})
+    negative_prompts: Optional[str] = field(default=None, metadata={"help": "Negative prompt for classifier-free guidance (default: the empty prompt)."})
+    num_samples_per_prompt: int = field(default=4, metadata={"help": "K: images sampled per prompt. LOOP's leave-one-out baseline for one image is the mean reward of the other K-1."})
+
+    # Advantages
+    advantage_estimator: str = field(default="loo", metadata={"help": "'loo' (LOOP: r_i minus the mean of the other K-1 rewards), 'group_norm' (GRPO: (r - group mean) / group std), 'per_prompt_tracker' (DDPO: per-prompt running statistics), 'batch_norm' (DDPO without tracking)."})
+    per_prompt_stat_tracking: bool = field(default=False, metadata={"help": "DDPO's flag, kept for migration: True is the same as advantage_estimator='per_prompt_tracker'."})
+    per_prompt_stat_tracking_buffer_size: int = field(default=16, metadata={"help": "per_prompt_tracker: rewards remembered per prompt."})
+    per_prompt_stat_tracking_min_count: int = field(default=16, metadata={"help": "per_prompt_tracker: rewards a prompt needs before its own statistics are used instead of the batch's."})
+    train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-train_adv_clip_max, train_adv_clip_max]."})
+
+    # Training
+    train_batch_size: int = field(default=1, metadata={"help": "Trajectories per training minibatch per process."})
+    train_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    train_use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' 8-bit AdamW (pip install bitsandbytes; CUDA only)."})
+    train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "Minibatches whose gradients are summed before one optimizer step. Each minibatch contributes all its trained timesteps."})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this global norm before each optimizer step."})
+    train_num_inner_epochs: int = field(default=1, metadata={"help": "PPO passes over each epoch's samples. 1 with train_clip_range=inf is REINFORCE."})
+    train_cfg: bool = field(default=True, metadata={"help": "Use classifier-free guidance when recomputing log-probabilities during training (must match sampling to stay on-policy)."})
+    train_clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range eps of the ratio exp(logp_new - logp_old); 'inf' disables clipping."})
+    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the denoising steps trained on per trajectory, drawn at random for each sample."})
+
+    def __post_init__(self) -> None:
+        def check(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(message)
+
+        positive_ints = ("num_epochs", "save_freq", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
+                         "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",
+                         "train_gradient_accumulation_steps", "train_num_inner_epochs",
+                         "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count")
+        for name in positive_ints:
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"{name} must be an integer >= 1, got {value!r}.")
+        positive_floats = ("train_learning_rate", "train_max_grad_norm", "train_adv_clip_max", "train_clip_range",
+                           "sample_eta", "train_adam_epsilon")
+        for name in positive_floats:
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and value > 0,
+                  f"{name} must be > 0, got {value!r}." + (" Use 'inf' to disable clipping." if name == "train_clip_range" else ""))
+        check(self.sample_guidance_scale >= 1.0,
+              f"sample_guidance_scale must be >= 1.0 (1.0 disables guidance), got {self.sample_guidance_scale}.")
+        check(0.0 < self.train_timestep_fraction <= 1.0,
+              f"train_timestep_fraction must lie in (0, 1], got {self.train_timestep_fraction}.")
+        check(0.0 <= self.train_adam_beta1 < 1.0 and 0.0 <= self.train_adam_beta2 < 1.0,
+              "train_adam_beta1 and train_adam_beta2 must lie in [0, 1).")
+        check(self.mixed_precision in ("no", "fp16", "bf16"),
+              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        check(self.log_with is None or self.log_with in _TRACKERS,
+              f"log_with must be None or one of {_TRACKERS}, got {self.log_with!r}.")
+
+        if self.per_prompt_stat_tracking:
+            check(self.advantage_estimator in ("loo", "per_prompt_tracker"),
+                  f"per_prompt_stat_tracking=True conflicts with advantage_estimator={self.advantage_estimator!r}; "
+                  "drop per_prompt_stat_tracking and set advantage_estimator='per_prompt_tracker'.")
+            self.advantage_estimator = "per_prompt_tracker"
+        check(self.advantage_estimator in _ESTIMATORS,
+              f"advantage_estimator must be one of {_ESTIMATORS}, got {self.advantage_estimator!r}.")
+        k = self.num_samples_per_prompt
+        if self.advantage_estimator in ("loo", "group_norm"):
+            check(k >= 2, f"advantage_estimator={self.advantage_estimator!r} compares the K samples of a prompt, so "
+                          f"num_samples_per_prompt must be >= 2, got {k}. Use 'per_prompt_tracker' or 'batch_norm' for K=1.")
+        check(self.sample_batch_size % k == 0,
+              f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_samples_per_prompt ({k}) so "
+              f"that each batch holds whole prompt groups; try sample_batch_size={max(k, self.sample_batch_size // k * k)}.")
+        per_epoch = self.sample_batch_size * self.sample_num_batches_per_epoch
+        check(per_epoch % self.train_batch_size == 0,
+              f"train_batch_size ({self.train_batch_size}) must divide the images sampled per epoch per process "
+              f"(sample_batch_size * sample_num_batches_per_epoch = {per_epoch}).")
+        minibatches = per_epoch // self.train_batch_size
+        check(minibatches % self.train_gradient_accumulation_steps == 0,
+              f"train_gradient_accumulation_steps ({self.train_gradient_accumulation_steps}) must divide the "
+              f"minibatches per inner epoch ({minibatches} = {per_epoch} images / train_batch_size "
+              f"{self.train_batch_size}), or the last optimizer step of an epoch would be left half-accumulated.")
+        check(self.resume_from in ("", "latest") or os.path.isdir(self.resume_from),
+              f"resume_from must be '', 'latest' or an existing checkpoint folder; {self.resume_from!r} does not exist.")
+        check(not self.push_to_hub or bool(self.hub_model_id),
+              "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/sd15-loop-aesthetic'.")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Denoising steps trained on per trajectory: ``int(sample_num_steps * train_timestep_fraction)``, at least 1."""
+        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dictionary (for trackers and model cards)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -1,0 +1,80 @@
+"""Model cards and uploads to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+__all__ = ["make_model_card", "upload_to_hub"]
+
+_CARD_KEYS = ("num_samples_per_prompt", "advantage_estimator", "num_epochs", "sample_num_steps", "sample_eta",
+              "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
+              "train_learning_rate", "train_num_inner_epochs", "train_clip_range", "train_timestep_fraction",
+              "mixed_precision", "seed")
+
+
+def make_model_card(*, base_model: str | None, reward_name: str, config: dict[str, Any], repo_id: str | None = None,
+                    use_lora: bool = True, epochs_trained: int | None = None) -> ModelCard:
+    """A model card: base model, reward, K, the key settings, and how to load the result."""
+    base = base_model or "<base model id or folder>"
+    target = repo_id or "<this repository or folder>"
+    rows = "\n".join(f"| `{key}` | `{config[key]}` |" for key in _CARD_KEYS if key in config)
+    if use_lora:
+        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+                f'pipe.load_lora_weights("{target}")')
+    else:
+        load = (f'unet = UNet2DConditionModel.from_pretrained("{target}", subfolder="unet", torch_dtype=torch.float16)\n'
+                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16).to("cuda")')
+    k = config.get("num_samples_per_prompt", "K")
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        license="openrail++" if base_model and "stable-diffusion-2" in base_model else None,
+        tags=["loop-trl", "text-to-image", "stable-diffusion", "reinforcement-learning", "lora" if use_lora else "full-finetune"],
+        pipeline_tag="text-to-image",
+    )
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# {os.path.basename(target.rstrip('/'))}
+
+{'A LoRA adapter' if use_lora else 'A fine-tuned UNet'} for `{base}`, trained with reinforcement learning by
+loop-trl using LOOP (leave-one-out PPO, Gupta et al. 2025,
+arXiv:2503.00897).
+
+- **Reward:** `{reward_name}`
+- **Samples per prompt (K):** {k}; each image's baseline is the mean reward of the other {k}-1 images of its prompt
+  (when `advantage_estimator` is `loo`).
+- **Epochs trained:** {epochs_trained if epochs_trained is not None else 'see config'}
+
+## How to load it
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline{', UNet2DConditionModel' if not use_lora else ''}
+
+{load}
+image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=5.0).images[0]
+```
+
+## Training configuration
+
+| setting | value |
+| --- | --- |
+{rows}
+"""
+    return ModelCard(content)
+
+
+def upload_to_hub(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
+                  commit_message: str = "Upload LOOP-trained weights") -> str:
+    """Create ``repo_id`` if needed and upload ``folder``; returns the commit URL.
+
+    The token (argument, ``HF_TOKEN`` or ``huggingface-cli login``) is passed to huggingface_hub only.
+    """
+    create_repo(repo_id, private=private, token=token, exist_ok=True)
+    info = upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

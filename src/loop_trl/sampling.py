@@ -1,0 +1,116 @@
+"""The stochastic DDIM step with its Gaussian log-probability.
+
+One function, :func:`ddim_step_with_logprob`, does both things the algorithm needs:
+
+* **sample** a transition ``x_t -> x_{t-1}`` (pass ``noise`` or a ``generator``), and
+* **score** a stored transition (pass ``prev_sample``), returning ``log p(x_{t-1} | x_t)``.
+
+The mean and standard deviation are those of diffusers' ``DDIMScheduler.step``
+(DDIM paper, eqs. 12 and 16); given the same noise the two return the same ``x_{t-1}``.
+Unlike ``DDIMScheduler.step`` it accepts one timestep per sample, so a training
+minibatch can mix denoising steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler
+
+__all__ = ["ddim_step_with_logprob", "gaussian_log_prob"]
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Log-density of ``N(mean, std^2)`` at ``x``, averaged over all but the batch dimension.
+
+    Averaging (rather than summing) over the ``C*H*W`` latent entries follows DDPO; it keeps
+    the importance ratio in a range where PPO's clipping is meaningful. Shapes: x, mean are
+    (B, ...); std broadcasts against them. Returns (B,).
+    """
+    log_density = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather ``values[index]`` and reshape to (B, 1, 1, ...) for broadcasting."""
+    return values.gather(0, index.cpu()).to(index.device).view(-1, *([1] * (ndim - 1)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step ``x_t -> x_{t-1}`` and its log-probability.
+
+    Args:
+        scheduler: a ``DDIMScheduler`` on which ``set_timesteps`` has been called.
+        model_output: the (guided) UNet output at ``(sample, timestep)``, shape (B, C, H, W).
+        timestep: the current timestep, an int or a (B,) tensor with one per sample.
+        sample: ``x_t``, shape (B, C, H, W).
+        eta: DDIM's stochasticity; must be > 0 for the log-probability to exist.
+        noise: standard normal noise (B, C, H, W) to sample with (as diffusers' ``variance_noise``).
+        generator: a generator to draw the noise from (on the CPU, so results do not depend on device).
+        prev_sample: a stored ``x_{t-1}`` to score instead of sampling a new one.
+
+    Returns:
+        ``(prev_sample, log_prob)``: ``x_{t-1}`` (B, C, H, W) and its log-probability (B,),
+        computed in fp32.
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a stochastic step with a log-probability, got {eta}.")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("Call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob.")
+    if scheduler.config.thresholding:
+        raise ValueError("Dynamic thresholding is not supported; set the scheduler's thresholding=False.")
+    if sum(x is not None for x in (noise, generator, prev_sample)) > 1:
+        raise ValueError("Pass at most one of noise, generator or prev_sample.")
+
+    dtype = model_output.dtype
+    model_output, sample = model_output.float(), sample.float()
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(batch)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+    alphas = scheduler.alphas_cumprod.float()
+    alpha_t = _per_sample(alphas, t, sample.ndim)
+    alpha_prev = torch.where(
+        prev_t >= 0,
+        alphas.gather(0, prev_t.clamp(min=0).cpu()).to(sample.device),
+        torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device),
+    ).view_as(alpha_t)
+    beta_t = 1 - alpha_t
+
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
+        pred_eps = model_output
+    elif prediction_type == "v_prediction":
+        pred_x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
+        pred_eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    elif prediction_type == "sample":
+        pred_x0 = model_output
+        pred_eps = (sample - alpha_t.sqrt() * pred_x0) / beta_t.sqrt()
+    else:
+        raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_x0 = pred_x0.clamp(-limit, limit)
+
+    variance = (1 - alpha_prev) / beta_t * (1 - alpha_t / alpha_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
+
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32)
+        prev_sample = mean + std * noise.to(device=sample.device, dtype=torch.float32)
+    log_prob = gaussian_log_prob(prev_sample.float(), mean, std)
+    return prev_sample.to(dtype), log_prob

@@ -1,0 +1,376 @@
+"""``LOOPTrainer``: sample -> reward -> advantages -> clipped PPO passes -> log -> save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from .advantages import PerPromptStatTracker, compute_advantages
+from .config import LOOPConfig
+from .hub import make_model_card, upload_to_hub
+from .objective import clipped_surrogate
+from .pipelines.base import DiffusionPolicy, Trajectories
+from .prompts import PromptSource
+
+__all__ = ["LOOPTrainer"]
+
+logger = get_logger(__name__)
+
+RewardFunction = Callable[[torch.Tensor, Sequence[str], Sequence[Any]], tuple[Any, Any]]
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (seed, epoch, process, ...)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def _as_reward_tensor(rewards: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Validate what a reward_function returned and turn it into a float64 (B,) tensor."""
+    if rewards is None or isinstance(rewards, (str, bytes, int, float)):
+        raise TypeError(f"reward_function must return a sequence of numbers as its first output (one per image); "
+                        f"got {type(rewards).__name__}.")
+    try:
+        values = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards, dtype=np.float64))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"reward_function must return a sequence of numbers as its first output; got "
+                        f"{type(rewards).__name__}: {error}") from error
+    values = values.reshape(-1) if values.ndim == 2 and values.shape[-1] == 1 else values
+    if values.ndim != 1 or len(values) != len(prompts):
+        raise ValueError(f"reward_function returned {tuple(values.shape)} rewards for {len(prompts)} images; "
+                         f"it must return one number per image.")
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"reward_function returned {values[i].item()} for sample {i} (prompt {prompts[i]!r}); "
+                         f"rewards must be finite numbers ({len(bad)} non-finite in this batch).")
+    return values
+
+
+class LOOPTrainer:
+    """Fine-tunes a diffusion policy with LOOP (or PPO/DDPO, REINFORCE, GRPO-style variants).
+
+    Args:
+        config: a :class:`LOOPConfig`.
+        reward_function: ``reward_function(images, prompts, prompt_metadata) -> (rewards, reward_metadata)``
+            with ``images`` a (B, 3, H, W) tensor in [0, 1] and one reward per image.
+        prompt_function: ``prompt_function() -> (prompt, metadata)``, or a list of prompts, or a
+            ``datasets.Dataset`` with a ``prompt`` column.
+        sd_pipeline: the policy, e.g. a :class:`LOOPStableDiffusionPipeline`.
+        image_samples_hook: optional ``hook(prompt_image_data, global_step, tracker)`` called on the
+            main process each epoch; ``prompt_image_data`` holds one
+            ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` per sampling batch.
+    """
+
+    def __init__(
+        self,
+        config: LOOPConfig,
+        reward_function: RewardFunction,
+        prompt_function: Callable[[], tuple[str, Any]] | Sequence[str] | Any,
+        sd_pipeline: DiffusionPolicy,
+        image_samples_hook: Callable[[list, int, Any], None] | None = None,
+    ):
+        if not isinstance(config, LOOPConfig):
+            raise TypeError(f"config must be a LOOPConfig, got {type(config).__name__}.")
+        if not callable(reward_function):
+            raise TypeError("reward_function must be callable: reward_function(images, prompts, prompt_metadata).")
+        if not isinstance(sd_pipeline, DiffusionPolicy):
+            raise TypeError(f"sd_pipeline must be a DiffusionPolicy such as LOOPStableDiffusionPipeline, "
+                            f"got {type(sd_pipeline).__name__}.")
+        self.config = config
+        self.reward_function = reward_function
+        self.policy = sd_pipeline
+        self.image_samples_hook = image_samples_hook
+
+        project_config = ProjectConfiguration(project_dir=config.output_dir,
+                                              logging_dir=os.path.join(config.output_dir, "logs"),
+                                              **config.project_kwargs)
+        accelerator_kwargs = dict(config.accelerator_kwargs)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not torch.cuda.is_available():
+            # several processes without GPUs: accelerate forms a CPU (gloo) group only when told to use the CPU
+            accelerator_kwargs.setdefault("cpu", True)
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            mixed_precision=config.mixed_precision,
+            project_config=project_config,
+            # one optimizer step per train_gradient_accumulation_steps minibatches, all trained timesteps included
+            gradient_accumulation_steps=config.train_gradient_accumulation_steps * config.num_train_timesteps,
+            **accelerator_kwargs,
+        )
+        accelerator = self.accelerator
+        if accelerator.num_processes != world_size:
+            raise RuntimeError(f"{world_size} processes were launched but accelerate sees {accelerator.num_processes}; "
+                               "they would train independently and overwrite each other's checkpoints. "
+                               "Check the launcher's settings (accelerate config) and accelerator_kwargs.")
+        set_seed(config.seed, device_specific=True)
+        self.prompts = PromptSource(prompt_function, config.seed, accelerator.process_index, accelerator.num_processes)
+        self.stat_tracker = PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
+                                                 config.per_prompt_stat_tracking_min_count)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        self.policy.to(accelerator.device, _DTYPES[accelerator.mixed_precision])
+        self.trainable_parameters = self.policy.trainable_parameters()
+        if not self.trainable_parameters:
+            raise ValueError("The pipeline has no trainable parameters.")
+        optimizer = self._make_optimizer()
+        self.policy.denoiser, self.optimizer = accelerator.prepare(self.policy.unet, optimizer)
+        accelerator.register_save_state_pre_hook(self._save_model_hook)
+        accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+        if accelerator.is_main_process and config.log_with:
+            scalars = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            init_kwargs = dict(config.tracker_kwargs)
+            if config.log_with in ("wandb", "all"):
+                init_kwargs.setdefault("wandb", {}).setdefault("name", config.run_name or config.exp_name)
+            accelerator.init_trackers(config.tracker_project_name, config=scalars, init_kwargs=init_kwargs)
+
+        self.first_epoch, self.global_step = 0, 0
+        self.last_metrics: dict[str, float] = {}
+        if config.resume_from:
+            self._resume(config.resume_from)
+
+    # ------------------------------------------------------------------ the algorithm
+    def train(self, epochs: int | None = None) -> None:
+        """Run ``epochs`` (default ``config.num_epochs``) epochs from where the trainer stands, then save."""
+        last_epoch = self.first_epoch + epochs if epochs is not None else self.config.num_epochs
+        bar = tqdm(range(self.first_epoch, last_epoch), desc="LOOP epochs", initial=self.first_epoch,
+                   total=last_epoch, disable=not self.accelerator.is_local_main_process)
+        for epoch in bar:
+            self.global_step = self.step(epoch, self.global_step)
+            bar.set_postfix(reward=f"{self.last_metrics['reward_mean']:.4g}")
+            self.first_epoch = epoch + 1
+            if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == last_epoch:
+                self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            self.save_pretrained(self.config.output_dir)
+            if self.config.push_to_hub:
+                self.push_to_hub(self.config.hub_model_id, private=self.config.hub_private)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One LOOP epoch: sample K trajectories per prompt, score, compute advantages, optimise.
+
+        Returns the global optimizer-step count after the epoch.
+        """
+        config = self.config
+        trajectories, prompt_image_data = self._sample(epoch)
+        rewards = torch.cat([torch.as_tensor(batch[3]) for batch in prompt_image_data]).float()
+        advantages, epoch_metrics = self._advantages(trajectories, rewards)
+        advantages = advantages.clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
+        if self.image_samples_hook is not None and self.accelerator.is_main_process:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_hook(prompt_image_data, global_step, tracker)
+
+        for inner_epoch in range(config.train_num_inner_epochs):
+            global_step, train_metrics = self._train_inner_epoch(trajectories, advantages, epoch, inner_epoch, global_step)
+            if inner_epoch == 0:
+                epoch_metrics["onpolicy_ratio"] = train_metrics["onpolicy_ratio"]
+        epoch_metrics["epoch"] = epoch
+        self.accelerator.log(epoch_metrics, step=global_step)
+        self.last_metrics = epoch_metrics
+        return global_step
+
+    # ------------------------------------------------------------------ the pieces of an epoch
+    def _sample(self, epoch: int) -> tuple[Trajectories, list]:
+        """Sample ``sample_num_batches_per_epoch`` batches of whole prompt groups and score them."""
+        config, accelerator = self.config, self.accelerator
+        k = config.num_samples_per_prompt
+        prompts_per_batch = config.sample_batch_size // k
+        generator = _generator(config.seed, epoch, accelerator.process_index)
+        batches, prompt_image_data = [], []
+        for batch in tqdm(range(config.sample_num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
+                          disable=not accelerator.is_local_main_process):
+            prompts, metadata = self.prompts.draw(prompts_per_batch, epoch, batch, config.sample_num_batches_per_epoch)
+            prompts = [p for p in prompts for _ in range(k)]  # K adjacent copies of each prompt
+            metadata = [m for m in metadata for _ in range(k)]
+            traj = self.policy.sample(prompts, num_steps=config.sample_num_steps,
+                                      guidance_scale=config.sample_guidance_scale, eta=config.sample_eta,
+                                      generator=generator, negative_prompt=config.negative_prompts)
+            # globally unique group ids: one per (epoch, batch, process, prompt)
+            slot = (epoch * config.sample_num_batches_per_epoch + batch) * accelerator.num_processes + accelerator.process_index
+            traj.group_ids = slot * prompts_per_batch + torch.arange(len(prompts), device=traj.group_ids.device) // k
+            rewards, reward_metadata = self.reward_function(traj.images, prompts, metadata)
+            rewards = _as_reward_tensor(rewards, prompts)
+            batches.append(traj)
+            prompt_image_data.append([traj.images, prompts, metadata, rewards, reward_metadata])
+        return Trajectories.cat(batches), prompt_image_data
+
+    def _advantages(self, trajectories: Trajectories, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Gather rewards with their group ids from every process, compute advantages, keep this process's share."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        all_rewards = accelerator.gather(rewards.to(device)).cpu()
+        all_groups = accelerator.gather(trajectories.group_ids.to(device)).cpu()
+        all_prompts = gather_object(list(trajectories.prompts)) if accelerator.num_processes > 1 else trajectories.prompts
+        advantages = compute_advantages(self.config.advantage_estimator, all_rewards, all_groups,
+                                        prompts=all_prompts, tracker=self.stat_tracker)
+        n = len(trajectories)
+        mine = advantages[accelerator.process_index * n:(accelerator.process_index + 1) * n]
+        _, inverse = torch.unique(all_groups, return_inverse=True)
+        group_std = torch.stack([all_rewards[inverse == g].std(unbiased=False) for g in range(int(inverse.max()) + 1)])
+        metrics = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
+                   "reward_group_std": group_std.mean().item(), "advantage_abs_mean": advantages.abs().mean().item()}
+        return mine.to(device), metrics
+
+    def _train_inner_epoch(self, trajectories: Trajectories, advantages: torch.Tensor, epoch: int, inner_epoch: int,
+                           global_step: int) -> tuple[int, dict]:
+        """One PPO pass: shuffle samples and (per sample) timesteps, then minimise the clipped surrogate."""
+        config, accelerator = self.config, self.accelerator
+        generator = _generator(config.seed, epoch, accelerator.process_index, 1 + inner_epoch)
+        n, T = len(trajectories), trajectories.num_steps
+        perm = torch.randperm(n, generator=generator)
+        trajectories, advantages = trajectories[perm], advantages[perm.to(advantages.device)]
+        steps = torch.stack([torch.randperm(T, generator=generator) for _ in range(n)])[:, :config.num_train_timesteps]
+        steps = steps.to(trajectories.latents.device)
+        rows = torch.arange(config.train_batch_size, device=steps.device)
+        guidance = None if config.train_cfg else 1.0
+
+        window: dict[str, list[torch.Tensor]] = defaultdict(list)
+        first_ratio = None
+        self.policy.denoiser.train()
+        for start in tqdm(range(0, n, config.train_batch_size), desc=f"epoch {epoch}: training", leave=False,
+                          disable=not accelerator.is_local_main_process):
+            batch = trajectories[slice(start, start + config.train_batch_size)]
+            batch_adv = advantages[start:start + config.train_batch_size]
+            for j in range(config.num_train_timesteps):
+                step = steps[start:start + config.train_batch_size, j]
+                with accelerator.accumulate(self.policy.denoiser):
+                    log_prob = self.policy.log_prob(batch, step, guidance_scale=guidance)
+                    out = clipped_surrogate(log_prob, batch.log_probs[rows, step], batch_adv, config.train_clip_range)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.trainable_parameters, config.train_max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                if first_ratio is None:
+                    first_ratio = out.ratio
+                for name in ("loss", "approx_kl", "clipfrac", "ratio"):
+                    window[name].append(out.__dict__[name].detach())
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    metrics = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in window.items()}
+                    metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"])
+                    accelerator.log(metrics, step=global_step)
+                    window.clear()
+        onpolicy = accelerator.reduce(first_ratio.to(accelerator.device), "mean").item()
+        return global_step, {"onpolicy_ratio": onpolicy}
+
+    # ------------------------------------------------------------------ optimizer, checkpoints, saving
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        optimizer_cls = torch.optim.AdamW
+        if config.train_use_8bit_adam:
+            try:
+                import bitsandbytes
+            except ImportError as error:
+                raise ImportError("train_use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from error
+            optimizer_cls = bitsandbytes.optim.AdamW8bit
+        return optimizer_cls(self.trainable_parameters, lr=config.train_learning_rate,
+                             betas=(config.train_adam_beta1, config.train_adam_beta2),
+                             weight_decay=config.train_adam_weight_decay, eps=config.train_adam_epsilon)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.config.output_dir, "checkpoints")
+
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # Write only the trainable weights (a LoRA adapter, not the whole UNet).
+        if self.accelerator.is_main_process:
+            self.policy.save_adapter(output_dir)
+        while weights:
+            weights.pop()
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        self.policy.load_adapter(input_dir)
+        while models:
+            models.pop()
+
+    def save_checkpoint(self) -> str:
+        """Write a resumable checkpoint of the epochs completed so far.
+
+        It is written to a temporary folder and renamed into place, so a crash never leaves a
+        half-written ``checkpoint_N``. The oldest checkpoints beyond ``num_checkpoint_limit`` are removed.
+        """
+        accelerator = self.accelerator
+        final = os.path.join(self.checkpoint_dir, f"checkpoint_{self.first_epoch}")
+        partial = final + ".partial"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(partial)
+        if accelerator.is_main_process:
+            state = {"epoch": self.first_epoch, "global_step": self.global_step,
+                     "stat_tracker": self.stat_tracker.state_dict()}
+            with open(os.path.join(partial, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self._checkpoints()[:-self.config.num_checkpoint_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _checkpoints(self) -> list[str]:
+        """Completed checkpoints, oldest first (``.partial`` folders are never listed)."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return []
+        found = [(int(m.group(1)), name) for name in os.listdir(self.checkpoint_dir) if (m := _CHECKPOINT.match(name))]
+        return [os.path.join(self.checkpoint_dir, name) for _, name in sorted(found)]
+
+    def _resume(self, resume_from: str) -> None:
+        if resume_from == "latest":
+            checkpoints = self._checkpoints()
+            if not checkpoints:
+                logger.warning(f"resume_from='latest': no checkpoint under {self.checkpoint_dir}; starting from epoch 0.",
+                               main_process_only=True)
+                return
+            resume_from = checkpoints[-1]
+        if not os.path.isfile(os.path.join(resume_from, "trainer_state.json")):
+            raise ValueError(f"{resume_from!r} is not a LOOP checkpoint (no trainer_state.json).")
+        self.accelerator.load_state(resume_from)
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            state = json.load(f)
+        self.first_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.stat_tracker.load_state_dict(state["stat_tracker"])
+        logger.info(f"Resumed from {resume_from} at epoch {self.first_epoch}, step {self.global_step}.")
+
+    def save_pretrained(self, save_directory: str, repo_id: str | None = None) -> None:
+        """Write the trained weights (LoRA in diffusers format) and a model card to ``save_directory``.
+
+        ``repo_id`` is the Hub repository the card's loading snippet points at (default: the folder).
+        """
+        self.policy.save_adapter(save_directory)
+        pipeline = getattr(self.policy, "pipeline", None)
+        card = make_model_card(
+            base_model=getattr(pipeline, "name_or_path", None) or None,
+            reward_name=getattr(self.reward_function, "__name__", type(self.reward_function).__name__),
+            config=self.config.to_dict(),
+            repo_id=repo_id or save_directory,
+            use_lora=getattr(self.policy, "use_lora", True),
+            epochs_trained=self.first_epoch,
+        )
+        card.save(os.path.join(save_directory, "README.md"))
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload LOOP-trained weights") -> str:
+        """Save the weights and model card to a temporary folder and upload it to ``repo_id``."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id)
+            return upload_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from loop_trl.testing import save_tiny_stable_diffusion  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> str:
+    """A tiny Stable Diffusion folder, saved once and loaded through from_pretrained by each test."""
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred_path(tmp_path_factory) -> str:
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd-v") / "pipeline", prediction_type="v_prediction")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

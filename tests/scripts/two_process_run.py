@@ -1,0 +1,59 @@
+"""Run under `accelerate launch --num_processes 2 --cpu`: a tiny LOOP run that checks itself.
+
+After every optimizer step it gathers a fingerprint of the trainable weights from both ranks;
+after every epoch it checks that the gathered group ids form whole groups of K samples that each
+come from one process. Each rank writes what it saw to OUT/rank_N.json for the test to assert on.
+"""
+
+import json
+import sys
+
+import torch
+
+from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
+from loop_trl.rewards import JpegCompressibility
+
+sd_path, out = sys.argv[1], sys.argv[2]
+config = LOOPConfig(num_epochs=2, sample_num_steps=3, sample_batch_size=8, sample_num_batches_per_epoch=2,
+                    train_batch_size=4, mixed_precision="no", output_dir=out, train_learning_rate=1e-2,
+                    sample_guidance_scale=2.0, seed=0)
+trainer = LOOPTrainer(config, JpegCompressibility(), ["a red circle", "a blue square", "two green triangles", "a cat"],
+                      LOOPStableDiffusionPipeline.from_pretrained(sd_path))
+accelerator = trainer.accelerator
+report = {"rank": accelerator.process_index, "world": accelerator.num_processes, "weight_spread": [], "groups": []}
+
+
+def fingerprint() -> torch.Tensor:
+    return torch.stack([p.detach().double().sum() for p in trainer.trainable_parameters])
+
+
+original_step = trainer.optimizer.step
+
+
+def checked_step(*args, **kwargs):
+    result = original_step(*args, **kwargs)
+    if accelerator.sync_gradients:
+        both = accelerator.gather(fingerprint().unsqueeze(0))  # (2, n_params)
+        report["weight_spread"].append((both.max(0).values - both.min(0).values).abs().max().item())
+    return result
+
+
+trainer.optimizer.step = checked_step
+original_advantages = trainer._advantages
+
+
+def checked_advantages(trajectories, rewards):
+    ids = accelerator.gather(trajectories.group_ids)
+    ranks = accelerator.gather(torch.full_like(trajectories.group_ids, accelerator.process_index))
+    groups = {}
+    for gid, rank in zip(ids.tolist(), ranks.tolist()):
+        groups.setdefault(gid, []).append(rank)
+    report["groups"].append(sorted((len(r), len(set(r))) for r in groups.values()))
+    return original_advantages(trajectories, rewards)
+
+
+trainer._advantages = checked_advantages
+trainer.train()
+report["steps"] = trainer.global_step
+with open(f"{out}/rank_{accelerator.process_index}.json", "w") as f:
+    json.dump(report, f)

@@ -1,0 +1,160 @@
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
+from loop_trl.rewards import JpegCompressibility
+
+PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow star"]
+
+
+def small_config(tmp_path, **overrides) -> LOOPConfig:
+    kwargs = dict(num_epochs=2, sample_num_steps=3, sample_batch_size=8, sample_num_batches_per_epoch=1,
+                  train_batch_size=4, mixed_precision="no", output_dir=str(tmp_path / "run"),
+                  train_learning_rate=1e-2, sample_guidance_scale=2.0, seed=0)
+    kwargs.update(overrides)
+    return LOOPConfig(**kwargs)
+
+
+def make_trainer(tmp_path, sd_path, reward=None, prompts=PROMPTS, **overrides) -> LOOPTrainer:
+    policy = LOOPStableDiffusionPipeline.from_pretrained(sd_path)
+    return LOOPTrainer(small_config(tmp_path, **overrides), reward or JpegCompressibility(), prompts, policy)
+
+
+def lora_weights(trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.policy.unet.named_parameters() if p.requires_grad}
+
+
+def test_epoch_keeps_groups_whole_and_is_on_policy(tmp_path, tiny_sd_path):
+    seen = []
+
+    def reward(images, prompts, metadata):
+        seen.append(list(prompts))
+        return torch.arange(len(prompts), dtype=torch.float32), {}
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=reward)
+    before = lora_weights(trainer)
+    step = trainer.step(0, 0)
+    assert step == 2  # 8 samples / train_batch_size 4, one optimizer step per minibatch
+    (prompts,) = seen
+    assert all(len(set(prompts[i:i + 4])) == 1 for i in range(0, 8, 4))  # K adjacent copies per prompt
+    assert abs(trainer.last_metrics["onpolicy_ratio"] - 1.0) < 1e-5
+    assert trainer.last_metrics["reward_mean"] == pytest.approx(3.5)
+    after = lora_weights(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the optimizer moved the adapter
+    assert all(p.dtype == torch.float32 for p in after.values())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda imgs, p, m: (torch.ones(len(p) - 1), {}), "one number per image"),
+        (lambda imgs, p, m: (torch.tensor([float("nan")] + [0.0] * (len(p) - 1)), {}), "sample 0 \\(prompt"),
+        (lambda imgs, p, m: (torch.tensor([0.0] * (len(p) - 1) + [float("inf")]), {}), "sample 7"),
+        (lambda imgs, p, m: (["good"] * len(p), {}), "sequence of numbers"),
+        (lambda imgs, p, m: (None, {}), "sequence of numbers"),
+    ],
+)
+def test_bad_rewards_stop_with_a_clear_message(tmp_path, tiny_sd_path, bad, message):
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=bad)
+    before = lora_weights(trainer)
+    with pytest.raises((ValueError, TypeError), match=message):
+        trainer.step(0, 0)
+    assert all(torch.equal(before[n], p) for n, p in lora_weights(trainer).items())
+
+
+def test_prompt_sources(tmp_path, tiny_sd_path):
+    seen = []
+
+    def reward(images, prompts, metadata):
+        seen.append((list(prompts), list(metadata)))
+        return torch.zeros(len(prompts)), {}
+
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS, "id": [0, 1, 2, 3]})
+    make_trainer(tmp_path, tiny_sd_path, reward=reward, prompts=dataset).step(0, 0)
+    prompts, metadata = seen[-1]
+    assert set(prompts) <= set(PROMPTS) and metadata[0] == {"id": PROMPTS.index(prompts[0])}
+    make_trainer(tmp_path, tiny_sd_path, reward=reward, prompts=lambda: ("a cat", {"n": 1})).step(0, 0)
+    assert seen[-1] == (["a cat"] * 8, [{"n": 1}] * 8)
+    with pytest.raises(ValueError, match="empty"):
+        make_trainer(tmp_path, tiny_sd_path, prompts=[])
+    with pytest.raises(ValueError, match="'prompt' column"):
+        make_trainer(tmp_path, tiny_sd_path, prompts=datasets.Dataset.from_dict({"text": PROMPTS}))
+
+
+def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path, train_learning_rate=0.05)
+    trainer.train(epochs=1)
+    out = tmp_path / "adapter"
+    trainer.save_pretrained(str(out))
+    assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert all(key.startswith("unet.") for key in load_file(out / "pytorch_lora_weights.safetensors"))
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "JpegCompressibility" in card and "load_lora_weights" in card
+
+    def generate(pipe):
+        return pipe("a red circle", num_inference_steps=3, guidance_scale=2.0, output_type="pt", height=32, width=32,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    trained = generate(trainer.policy.pipeline)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    base = generate(fresh)
+    fresh.load_lora_weights(str(out))
+    torch.testing.assert_close(generate(fresh), trained, atol=1e-5, rtol=0)
+    assert (base - trained).abs().max() > 1e-3
+
+    # the adapter is not stacked on a pipeline that already has one, but can be resumed as a starting point
+    with pytest.raises(ValueError, match="already carries a LoRA adapter"):
+        LOOPStableDiffusionPipeline(fresh)
+    with pytest.raises(ValueError, match="holds a LoRA adapter, not a base model"):
+        LOOPStableDiffusionPipeline.from_pretrained(str(out))
+    continued = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path, adapter=str(out))
+    torch.testing.assert_close(generate(continued.pipeline), trained, atol=1e-5, rtol=0)
+
+
+def test_full_finetuning_keeps_fp32_and_saves_the_unet(tmp_path, tiny_sd_path):
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path, use_lora=False)
+    trainer = LOOPTrainer(small_config(tmp_path), JpegCompressibility(), PROMPTS, policy)
+    trainer.step(0, 0)
+    assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters)
+    trainer.save_pretrained(str(tmp_path / "full"))
+    assert os.path.isfile(tmp_path / "full" / "unet" / "config.json")
+
+
+def test_resume_continues_exactly(tmp_path, tiny_sd_path):
+    straight = make_trainer(tmp_path / "a", tiny_sd_path, num_epochs=3)
+    straight.train()
+    interrupted = make_trainer(tmp_path / "b", tiny_sd_path, num_epochs=3)
+    interrupted.train(epochs=2)
+    checkpoints = sorted(os.listdir(tmp_path / "b" / "run" / "checkpoints"))
+    assert checkpoints == ["checkpoint_1", "checkpoint_2"]
+    resumed = make_trainer(tmp_path / "b", tiny_sd_path, num_epochs=3, resume_from="latest")
+    assert (resumed.first_epoch, resumed.global_step) == (2, 4)
+    resumed.train()
+    a, b = lora_weights(straight), lora_weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_push_to_hub_uploads_the_saved_folder(tmp_path, tiny_sd_path, monkeypatch):
+    calls = {}
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls["repo"] = repo_id
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        calls["files"] = sorted(os.listdir(folder_path))
+        calls["card"] = open(os.path.join(folder_path, "README.md")).read()
+        return "https://huggingface.co/me/model/commit/1"
+
+    monkeypatch.setattr("loop_trl.hub.create_repo", fake_create_repo)
+    monkeypatch.setattr("loop_trl.hub.upload_folder", fake_upload_folder)
+    trainer = make_trainer(tmp_path, tiny_sd_path)
+    url = trainer.push_to_hub("me/model", token="hf_secret_token_value")
+    assert url.endswith("/commit/1") and calls["repo"] == "me/model"
+    assert calls["files"] == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert 'load_lora_weights("me/model")' in calls["card"] and "hf_secret" not in calls["card"]
