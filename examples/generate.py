@@ -35,9 +35,9 @@ class GenerateArguments:
 def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     unet = None
     if args.adapter and os.path.isfile(os.path.join(args.adapter, "unet", "config.json")):  # full fine-tune
-        unet = UNet2DConditionModel.from_pretrained(args.adapter, subfolder="unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(args.adapter, subfolder="unet", dtype=dtype)
     extra = {"unet": unet} if unet is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(args.base, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, **extra)
     if args.adapter and unet is None:
         pipe.load_lora_weights(args.adapter)
