@@ -6,6 +6,7 @@ from loop_trl.advantages import (
     batch_normalized_advantages,
     compute_advantages,
     group_normalized_advantages,
+    group_reward_std,
     leave_one_out_advantages,
 )
 
@@ -96,3 +97,9 @@ def test_unknown_estimator_and_missing_tracker():
         compute_advantages("nope", torch.ones(2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="PerPromptStatTracker"):
         compute_advantages("per_prompt_tracker", torch.ones(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_group_reward_std_averages_groups_equally():
+    rewards = torch.tensor([1.0, 3.0, 5.0, 5.0, 5.0, 5.0])  # stds: 1 (group of 2), 0 (group of 4)
+    groups = torch.tensor([0, 0, 1, 1, 1, 1])
+    torch.testing.assert_close(group_reward_std(rewards, groups), torch.tensor(0.5))

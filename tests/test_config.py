@@ -25,6 +25,8 @@ from loop_trl import LOOPConfig
         ({"resume_from": "/no/such/checkpoint"}, "resume_from"),
         ({"push_to_hub": True}, "hub_model_id"),
         ({"log_with": "tensorbored"}, "log_with"),
+        ({"tracker_kwargs": "{not json"}, "tracker_kwargs"),
+        ({"accelerator_kwargs": "[1, 2]"}, "accelerator_kwargs"),
         ({"per_prompt_stat_tracking": True, "advantage_estimator": "group_norm"}, "per_prompt_stat_tracking"),
     ],
 )
@@ -47,8 +49,10 @@ def test_every_field_has_help_and_parses_from_cli_and_yaml(tmp_path):
         assert f.metadata.get("help"), f"{name} has no help text"
     parser = HfArgumentParser(LOOPConfig)
     (config,) = parser.parse_args_into_dataclasses(["--num_samples_per_prompt", "8", "--sample_batch_size", "16",
-                                                     "--train_clip_range", "inf", "--mixed_precision", "no"])
+                                                     "--train_clip_range", "inf", "--mixed_precision", "no",
+                                                     "--tracker_kwargs", '{"wandb": {"entity": "me"}}'])
     assert config.num_samples_per_prompt == 8 and config.train_clip_range == float("inf")
+    assert config.tracker_kwargs == {"wandb": {"entity": "me"}}
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("num_epochs: 3\nadvantage_estimator: group_norm\n")
     (config,) = parser.parse_yaml_file(str(yaml_file))

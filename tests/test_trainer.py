@@ -88,8 +88,15 @@ def test_prompt_sources(tmp_path, tiny_sd_path):
 
 
 def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_path):
-    trainer = make_trainer(tmp_path, tiny_sd_path, train_learning_rate=0.05)
+    trainer = make_trainer(tmp_path, tiny_sd_path, train_learning_rate=0.05, log_with="tensorboard")
     trainer.train(epochs=1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "run" / "logs" / "loop-trl"
+    events = EventAccumulator(str(logs)).Reload()
+    logged = set(events.Tags()["scalars"])
+    assert {"reward_mean", "reward_std", "reward_group_std", "onpolicy_ratio", "loss", "approx_kl", "clipfrac",
+            "ratio", "learning_rate"} <= logged, logged
     out = tmp_path / "adapter"
     trainer.save_pretrained(str(out))
     assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors"]

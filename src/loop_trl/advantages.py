@@ -18,6 +18,7 @@ __all__ = [
     "batch_normalized_advantages",
     "compute_advantages",
     "group_normalized_advantages",
+    "group_reward_std",
     "leave_one_out_advantages",
 ]
 
@@ -56,6 +57,16 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, 
     sq_sums, _ = _group_sums((rewards - mean) ** 2, group_ids)
     std = (sq_sums / counts).sqrt()
     return ((rewards - mean) / (std + eps)).float()
+
+
+def group_reward_std(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over groups of the within-group (population) reward std: how much the K samples differ."""
+    rewards = rewards.double()
+    sums, counts = _group_sums(rewards, group_ids)
+    sq_sums, _ = _group_sums((rewards - sums / counts) ** 2, group_ids)
+    # each sample carries its group's std; weight by 1/count so every group counts once
+    per_sample_std = (sq_sums / counts).sqrt()
+    return ((per_sample_std / counts).sum() / (1 / counts).sum()).float()
 
 
 def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

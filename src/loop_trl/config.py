@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["LOOPConfig"]
 
@@ -53,9 +54,9 @@ class LOOPConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere or newer GPUs (faster, slightly less precise)."})
     log_with: Optional[str] = field(default=None, metadata={"help": "Tracker for metrics: 'tensorboard', 'wandb', 'comet_ml', 'mlflow', ... or 'all'. None logs to the progress bar only."})
     tracker_project_name: str = field(default="loop-trl", metadata={"help": "Project name passed to the trackers."})
-    tracker_kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword arguments for the trackers, e.g. '{\"wandb\": {\"entity\": \"me\"}}'."})
-    accelerator_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.Accelerator."})
-    project_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.utils.ProjectConfiguration."})
+    tracker_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={"help": "Keyword arguments for the trackers, e.g. '{\"wandb\": {\"entity\": \"me\"}}'."})
+    accelerator_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.Accelerator."})
+    project_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.utils.ProjectConfiguration."})
 
     # Checkpoints and the Hub
     save_freq: int = field(default=1, metadata={"help": "Write a resumable checkpoint every this many epochs."})
@@ -100,6 +101,19 @@ class LOOPConfig:
         def check(condition: bool, message: str) -> None:
             if not condition:
                 raise ValueError(message)
+
+        for name in ("tracker_kwargs", "accelerator_kwargs", "project_kwargs"):
+            value = getattr(self, name)
+            if value is None:
+                value = {}
+                setattr(self, name, value)
+            if isinstance(value, str):  # from the command line: a JSON object
+                try:
+                    value = json.loads(value) if value.strip() else {}
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name} must be a JSON object such as '{{\"key\": 1}}'; got {value!r} ({error}).") from error
+                setattr(self, name, value)
+            check(isinstance(value, dict), f"{name} must be a dictionary (a JSON object on the command line), got {value!r}.")
 
         positive_ints = ("num_epochs", "save_freq", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
                          "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",

@@ -8,6 +8,7 @@ random weights. :func:`save_tiny_stable_diffusion` writes a folder that loads wi
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     args = parser.parse_args(argv)
     path = save_tiny_stable_diffusion(args.folder, seed=args.seed, prediction_type=args.prediction_type)
-    print(f"Tiny pipeline written to {path}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger(__name__).info(f"Tiny pipeline written to {path}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from .advantages import PerPromptStatTracker, compute_advantages
+from .advantages import PerPromptStatTracker, compute_advantages, group_reward_std
 from .config import LOOPConfig
 from .hub import make_model_card, upload_to_hub
 from .objective import clipped_surrogate
@@ -222,10 +222,9 @@ class LOOPTrainer:
                                         prompts=all_prompts, tracker=self.stat_tracker)
         n = len(trajectories)
         mine = advantages[accelerator.process_index * n:(accelerator.process_index + 1) * n]
-        _, inverse = torch.unique(all_groups, return_inverse=True)
-        group_std = torch.stack([all_rewards[inverse == g].std(unbiased=False) for g in range(int(inverse.max()) + 1)])
         metrics = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
-                   "reward_group_std": group_std.mean().item(), "advantage_abs_mean": advantages.abs().mean().item()}
+                   "reward_group_std": group_reward_std(all_rewards, all_groups).item(),
+                   "advantage_abs_mean": advantages.abs().mean().item()}
         return mine.to(device), metrics
 
     def _train_inner_epoch(self, trajectories: Trajectories, advantages: torch.Tensor, epoch: int, inner_epoch: int,
