@@ -54,8 +54,8 @@ def test_epoch_keeps_groups_whole_and_is_on_policy(tmp_path, tiny_sd_path):
     "bad, message",
     [
         (lambda imgs, p, m: (torch.ones(len(p) - 1), {}), "one number per image"),
-        (lambda imgs, p, m: (torch.tensor([float("nan")] + [0.0] * (len(p) - 1)), {}), "sample 0 \\(prompt"),
-        (lambda imgs, p, m: (torch.tensor([0.0] * (len(p) - 1) + [float("inf")]), {}), "sample 7"),
+        (lambda imgs, p, m: (torch.tensor([float("nan")] + [0.0] * (len(p) - 1)), {}), "sample 0 of sampling batch 0 \\(epoch 0, prompt '"),
+        (lambda imgs, p, m: (torch.tensor([0.0] * (len(p) - 1) + [float("inf")]), {}), "sample 7 of sampling batch 0"),
         (lambda imgs, p, m: (["good"] * len(p), {}), "sequence of numbers"),
         (lambda imgs, p, m: (None, {}), "sequence of numbers"),
     ],

@@ -10,6 +10,7 @@ from typing import Optional, Union
 __all__ = ["LOOPConfig"]
 
 _ESTIMATORS = ("loo", "group_norm", "per_prompt_tracker", "batch_norm")
+_LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 _TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
 
 
@@ -38,7 +39,9 @@ class LOOPConfig:
     > Training: ``train_batch_size``, ``train_learning_rate``, ``train_adam_*``,
       ``train_use_8bit_adam``, ``train_gradient_accumulation_steps``, ``train_max_grad_norm``,
       ``train_num_inner_epochs``, ``train_cfg``, ``train_clip_range``,
-      ``train_timestep_fraction``.
+      ``train_timestep_fraction``, ``train_lr_scheduler``, ``train_lr_warmup_steps``.
+
+    > Faults: ``reward_error``, ``reward_max_skip_fraction``, ``max_consecutive_nonfinite_steps``.
 
     Batch sizes are per process. Each sampling batch of ``sample_batch_size`` images holds
     ``sample_batch_size / num_samples_per_prompt`` prompts, each drawn K times.
@@ -96,6 +99,13 @@ class LOOPConfig:
     train_cfg: bool = field(default=True, metadata={"help": "Use classifier-free guidance when recomputing log-probabilities during training (must match sampling to stay on-policy)."})
     train_clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range eps of the ratio exp(logp_new - logp_old); 'inf' disables clipping."})
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the denoising steps trained on per trajectory, drawn at random for each sample."})
+    train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts' or 'polynomial'."})
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
+
+    # Faults
+    reward_error: str = field(default="raise", metadata={"help": "What a failing reward does: 'raise' stops the run with a message naming the prompt and sample; 'skip_group' drops the affected prompt groups from the epoch (they get zero advantage) and logs how many."})
+    reward_max_skip_fraction: float = field(default=0.5, metadata={"help": "With reward_error='skip_group': stop if more than this fraction of an epoch's prompt groups is dropped."})
+    max_consecutive_nonfinite_steps: int = field(default=5, metadata={"help": "An optimizer step whose loss or gradient norm is not finite is skipped and logged; stop after this many such steps in a row."})
 
     def __post_init__(self) -> None:
         def check(condition: bool, message: str) -> None:
@@ -115,7 +125,7 @@ class LOOPConfig:
                 setattr(self, name, value)
             check(isinstance(value, dict), f"{name} must be a dictionary (a JSON object on the command line), got {value!r}.")
 
-        positive_ints = ("num_epochs", "save_freq", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
+        positive_ints = ("num_epochs", "save_freq", "max_consecutive_nonfinite_steps", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
                          "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",
                          "train_gradient_accumulation_steps", "train_num_inner_epochs",
                          "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count")
@@ -163,6 +173,14 @@ class LOOPConfig:
               f"train_gradient_accumulation_steps ({self.train_gradient_accumulation_steps}) must divide the "
               f"minibatches per inner epoch ({minibatches} = {per_epoch} images / train_batch_size "
               f"{self.train_batch_size}), or the last optimizer step of an epoch would be left half-accumulated.")
+        check(self.train_lr_scheduler in _LR_SCHEDULERS,
+              f"train_lr_scheduler must be one of {_LR_SCHEDULERS}, got {self.train_lr_scheduler!r}.")
+        check(isinstance(self.train_lr_warmup_steps, int) and self.train_lr_warmup_steps >= 0,
+              f"train_lr_warmup_steps must be an integer >= 0, got {self.train_lr_warmup_steps!r}.")
+        check(self.reward_error in ("raise", "skip_group"),
+              f"reward_error must be 'raise' or 'skip_group', got {self.reward_error!r}.")
+        check(0.0 <= self.reward_max_skip_fraction < 1.0,
+              f"reward_max_skip_fraction must lie in [0, 1), got {self.reward_max_skip_fraction}.")
         check(self.resume_from in ("", "latest") or os.path.isdir(self.resume_from),
               f"resume_from must be '', 'latest' or an existing checkpoint folder; {self.resume_from!r} does not exist.")
         check(not self.push_to_hub or bool(self.hub_model_id),

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .advantages import PerPromptStatTracker, compute_advantages, group_reward_std
@@ -40,7 +41,7 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 def _as_reward_tensor(rewards: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """Validate what a reward_function returned and turn it into a float64 (B,) tensor."""
+    """Check the type and length of what a reward_function returned; a float64 (B,) tensor (may hold NaN/inf)."""
     if rewards is None or isinstance(rewards, (str, bytes, int, float)):
         raise TypeError(f"reward_function must return a sequence of numbers as its first output (one per image); "
                         f"got {type(rewards).__name__}.")
@@ -53,11 +54,6 @@ def _as_reward_tensor(rewards: Any, prompts: Sequence[str]) -> torch.Tensor:
     if values.ndim != 1 or len(values) != len(prompts):
         raise ValueError(f"reward_function returned {tuple(values.shape)} rewards for {len(prompts)} images; "
                          f"it must return one number per image.")
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise ValueError(f"reward_function returned {values[i].item()} for sample {i} (prompt {prompts[i]!r}); "
-                         f"rewards must be finite numbers ({len(bad)} non-finite in this batch).")
     return values
 
 
@@ -130,6 +126,13 @@ class LOOPTrainer:
             raise ValueError("The pipeline has no trainable parameters.")
         optimizer = self._make_optimizer()
         self.policy.denoiser, self.optimizer = accelerator.prepare(self.policy.unet, optimizer)
+        minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
+        steps_per_epoch = config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
+        # stepped by the trainer once per optimizer step that was taken; saved in checkpoints
+        self.lr_scheduler = get_scheduler(config.train_lr_scheduler, optimizer, num_warmup_steps=config.train_lr_warmup_steps,
+                                          num_training_steps=config.num_epochs * steps_per_epoch)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.consecutive_nonfinite_steps = self.nonfinite_steps = 0
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -170,9 +173,9 @@ class LOOPTrainer:
         Returns the global optimizer-step count after the epoch.
         """
         config = self.config
-        trajectories, prompt_image_data = self._sample(epoch)
+        trajectories, prompt_image_data, valid = self._sample(epoch)
         rewards = torch.cat([torch.as_tensor(batch[3]) for batch in prompt_image_data]).float()
-        advantages, epoch_metrics = self._advantages(trajectories, rewards)
+        advantages, epoch_metrics = self._advantages(trajectories, rewards, valid)
         advantages = advantages.clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
         if self.image_samples_hook is not None and self.accelerator.is_main_process:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
@@ -188,13 +191,13 @@ class LOOPTrainer:
         return global_step
 
     # ------------------------------------------------------------------ the pieces of an epoch
-    def _sample(self, epoch: int) -> tuple[Trajectories, list]:
+    def _sample(self, epoch: int) -> tuple[Trajectories, list, torch.Tensor]:
         """Sample ``sample_num_batches_per_epoch`` batches of whole prompt groups and score them."""
         config, accelerator = self.config, self.accelerator
         k = config.num_samples_per_prompt
         prompts_per_batch = config.sample_batch_size // k
         generator = _generator(config.seed, epoch, accelerator.process_index)
-        batches, prompt_image_data = [], []
+        batches, prompt_image_data, valid = [], [], []
         for batch in tqdm(range(config.sample_num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
                           disable=not accelerator.is_local_main_process):
             prompts, metadata = self.prompts.draw(prompts_per_batch, epoch, batch, config.sample_num_batches_per_epoch)
@@ -206,25 +209,72 @@ class LOOPTrainer:
             # globally unique group ids: one per (epoch, batch, process, prompt)
             slot = (epoch * config.sample_num_batches_per_epoch + batch) * accelerator.num_processes + accelerator.process_index
             traj.group_ids = slot * prompts_per_batch + torch.arange(len(prompts), device=traj.group_ids.device) // k
-            rewards, reward_metadata = self.reward_function(traj.images, prompts, metadata)
-            rewards = _as_reward_tensor(rewards, prompts)
+            rewards, reward_metadata, batch_valid = self._score(traj.images, prompts, metadata, epoch, batch)
             batches.append(traj)
+            valid.append(batch_valid)
             prompt_image_data.append([traj.images, prompts, metadata, rewards, reward_metadata])
-        return Trajectories.cat(batches), prompt_image_data
+        return Trajectories.cat(batches), prompt_image_data, torch.cat(valid)
 
-    def _advantages(self, trajectories: Trajectories, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Gather rewards with their group ids from every process, compute advantages, keep this process's share."""
-        accelerator, device = self.accelerator, self.accelerator.device
+    def _score(self, images: torch.Tensor, prompts: list[str], metadata: list, epoch: int,
+               batch: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Call the reward function and vet its output.
+
+        Returns rewards (B,) with every dropped sample set to 0, the reward metadata, and a (B,)
+        mask of the samples kept. A fault either raises (``reward_error="raise"``) or drops the
+        prompt groups it touches (``"skip_group"``): all of them when the call itself fails.
+        """
+        k = self.config.num_samples_per_prompt
+        skip = self.config.reward_error == "skip_group"
+        try:
+            output = self.reward_function(images, prompts, metadata)
+            if not (isinstance(output, tuple) and len(output) == 2):
+                raise TypeError(f"reward_function must return (rewards, reward_metadata), got {type(output).__name__}.")
+            values = _as_reward_tensor(output[0], prompts)
+        except Exception as error:
+            where = f"epoch {epoch}, sampling batch {batch}, prompts {sorted(set(prompts))}"
+            if not skip:
+                raise type(error)(f"{error} [{where}]") if type(error) in (TypeError, ValueError) else \
+                    RuntimeError(f"reward_function raised {type(error).__name__}: {error} [{where}]") from error
+            logger.warning(f"reward_function failed ({type(error).__name__}: {error}) at {where}; "
+                           f"dropping the batch's {len(prompts) // k} prompt groups.", main_process_only=False)
+            return torch.zeros(len(prompts), dtype=torch.float64), None, torch.zeros(len(prompts), dtype=torch.bool)
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            message = (f"reward_function returned {values[i].item()} for sample {i} of sampling batch {batch} "
+                       f"(epoch {epoch}, prompt {prompts[i]!r}); rewards must be finite "
+                       f"({int((~finite).sum())} non-finite in this batch).")
+            if not skip:
+                raise ValueError(message)
+            logger.warning(message + " Dropping the affected prompt groups.", main_process_only=False)
+        valid = finite.view(-1, k).all(dim=1).repeat_interleave(k)  # a group is kept only if all K are finite
+        return torch.where(valid, values, torch.zeros_like(values)), output[1], valid
+
+    def _advantages(self, trajectories: Trajectories, rewards: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Gather rewards with their group ids from every process, compute advantages over the kept
+        samples (dropped ones get 0), and return this process's share with the epoch's metrics."""
+        accelerator, device, config = self.accelerator, self.accelerator.device, self.config
         all_rewards = accelerator.gather(rewards.to(device)).cpu()
         all_groups = accelerator.gather(trajectories.group_ids.to(device)).cpu()
+        all_valid = accelerator.gather(valid.to(device)).cpu().bool()
         all_prompts = gather_object(list(trajectories.prompts)) if accelerator.num_processes > 1 else trajectories.prompts
-        advantages = compute_advantages(self.config.advantage_estimator, all_rewards, all_groups,
-                                        prompts=all_prompts, tracker=self.stat_tracker)
+        num_groups = len(torch.unique(all_groups))
+        skipped = num_groups - len(torch.unique(all_groups[all_valid]))
+        if skipped / num_groups > config.reward_max_skip_fraction or not bool(all_valid.any()):
+            raise RuntimeError(f"The reward failed for {skipped} of {num_groups} prompt groups this epoch, more than "
+                               f"reward_max_skip_fraction={config.reward_max_skip_fraction}; stopping. "
+                               "The last checkpoint is intact; fix the reward and resume with resume_from='latest'.")
+        kept_rewards, kept_groups = all_rewards[all_valid], all_groups[all_valid]
+        advantages = torch.zeros_like(all_rewards)
+        advantages[all_valid] = compute_advantages(
+            config.advantage_estimator, kept_rewards, kept_groups,
+            prompts=[p for p, keep in zip(all_prompts, all_valid.tolist()) if keep], tracker=self.stat_tracker)
         n = len(trajectories)
         mine = advantages[accelerator.process_index * n:(accelerator.process_index + 1) * n]
-        metrics = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
-                   "reward_group_std": group_reward_std(all_rewards, all_groups).item(),
-                   "advantage_abs_mean": advantages.abs().mean().item()}
+        metrics = {"reward_mean": kept_rewards.mean().item(), "reward_std": kept_rewards.std(unbiased=False).item(),
+                   "reward_group_std": group_reward_std(kept_rewards, kept_groups).item(),
+                   "advantage_abs_mean": advantages[all_valid].abs().mean().item(), "skipped_groups": skipped}
         return mine.to(device), metrics
 
     def _train_inner_epoch(self, trajectories: Trajectories, advantages: torch.Tensor, epoch: int, inner_epoch: int,
@@ -254,9 +304,7 @@ class LOOPTrainer:
                     out = clipped_surrogate(log_prob, batch.log_probs[rows, step], batch_adv, config.train_clip_range)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.trainable_parameters, config.train_max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
+                        self._optimizer_step()
                 if first_ratio is None:
                     first_ratio = out.ratio
                 for name in ("loss", "approx_kl", "clipfrac", "ratio"):
@@ -264,13 +312,40 @@ class LOOPTrainer:
                 if accelerator.sync_gradients:
                     global_step += 1
                     metrics = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in window.items()}
-                    metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"])
+                    metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"],
+                                   nonfinite_steps=self.nonfinite_steps)
                     accelerator.log(metrics, step=global_step)
                     window.clear()
         onpolicy = accelerator.reduce(first_ratio.to(accelerator.device), "mean").item()
         return global_step, {"onpolicy_ratio": onpolicy}
 
     # ------------------------------------------------------------------ optimizer, checkpoints, saving
+    def _optimizer_step(self) -> None:
+        """Clip and step, unless the gradient norm is not finite: then skip, count, and stop after too many."""
+        accelerator, config = self.accelerator, self.config
+        grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.train_max_grad_norm)
+        if accelerator.scaler is not None:  # fp16: the gradient scaler skips inf/NaN steps and lowers its scale
+            self.optimizer.step()
+            skipped = self.optimizer.step_was_skipped
+        else:
+            skipped = not bool(torch.isfinite(torch.as_tensor(grad_norm)))  # equal on all ranks after all-reduce
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad()
+        if not skipped:
+            self.lr_scheduler.step()
+            self.consecutive_nonfinite_steps = 0
+            return
+        self.consecutive_nonfinite_steps += 1
+        self.nonfinite_steps += 1
+        logger.warning(f"Non-finite gradient norm ({grad_norm}); optimizer step skipped "
+                       f"({self.consecutive_nonfinite_steps} in a row).")
+        if self.consecutive_nonfinite_steps >= config.max_consecutive_nonfinite_steps:
+            raise RuntimeError(f"{self.consecutive_nonfinite_steps} optimizer steps in a row had a non-finite loss or "
+                               f"gradient (max_consecutive_nonfinite_steps={config.max_consecutive_nonfinite_steps}). "
+                               "Lower train_learning_rate, check the reward's scale, or use mixed_precision='bf16'; "
+                               "the last checkpoint is intact.")
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
         optimizer_cls = torch.optim.AdamW

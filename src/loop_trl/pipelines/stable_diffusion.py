@@ -40,7 +40,9 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
         lora_alpha: LoRA alpha; the update is scaled by alpha / r. Defaults to ``lora_rank``.
         lora_target_modules: names of the UNet modules that get LoRA layers.
         adapter: a folder or Hub id with a LoRA adapter (``pytorch_lora_weights.safetensors``)
-            to start from instead of a zero-initialised one.
+            to start from instead of a new one.
+        lora_seed: seed of the new adapter's random initial A matrices (B starts at zero, so the
+            adapter starts as a no-op whatever the seed).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
         lora_alpha: int | None = None,
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         adapter: str | None = None,
+        lora_seed: int = 0,
     ):
         if not isinstance(pipeline, StableDiffusionPipeline):
             raise TypeError(f"pipeline must be a diffusers StableDiffusionPipeline, got {type(pipeline).__name__}.")
@@ -77,14 +80,17 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
         pipeline.text_encoder.requires_grad_(False)
         pipeline.unet.requires_grad_(not use_lora)
         if use_lora:
-            pipeline.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_alpha or lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(lora_target_modules),
+            # peft draws the initial A matrices from torch's global RNG; seed them so a run repeats
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(lora_seed)
+                pipeline.unet.add_adapter(
+                    LoraConfig(
+                        r=lora_rank,
+                        lora_alpha=lora_alpha or lora_rank,
+                        init_lora_weights="gaussian",
+                        target_modules=list(lora_target_modules),
+                    )
                 )
-            )
         if adapter is not None:
             self.load_adapter(adapter)
         pipeline.set_progress_bar_config(disable=True)
@@ -97,7 +103,7 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
         """Load a Stable Diffusion checkpoint (Hub id or folder) in fp32 and wrap it.
 
         ``kwargs`` are the constructor's (``use_lora``, ``lora_rank``, ``lora_alpha``,
-        ``lora_target_modules``, ``adapter``).
+        ``lora_target_modules``, ``adapter``, ``lora_seed``).
         """
         path = str(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) and not os.path.isfile(os.path.join(path, "model_index.json")):
