@@ -4,19 +4,32 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "two_process_run.py")
+
+
+def launch_two(sd_path, out, mode="full"):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (the trainer forms a gloo group)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(29500 + (os.getpid() + len(mode)) % 1000), SCRIPT, sd_path, str(out), mode]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_sd_path):
+    out = tmp_path_factory.mktemp("two-process")
+    return out, launch_two(tiny_sd_path, out)
 
 
 @pytest.mark.slow
-def test_two_processes_keep_groups_whole_and_weights_in_sync(tmp_path, tiny_sd_path):
-    script = os.path.join(os.path.dirname(__file__), "scripts", "two_process_run.py")
-    out = tmp_path / "run"
-    out.mkdir()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-               script, tiny_sd_path, str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+def test_two_processes_keep_groups_whole_and_weights_in_sync(two_process_run):
+    out, reports = two_process_run
     for report in reports:
         assert report["world"] == 2
         # 2 epochs x 16 samples / train_batch_size 4 = 8 optimizer steps, each checked
@@ -25,3 +38,16 @@ def test_two_processes_keep_groups_whole_and_weights_in_sync(tmp_path, tiny_sd_p
         # per epoch: 2 processes x 2 batches x 2 prompts = 8 groups, each of K=4 samples from one process
         assert report["groups"] == [[[4, 1]] * 8, [[4, 1]] * 8]
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(tmp_path, tiny_sd_path, two_process_run):
+    straight, _ = two_process_run
+    first = launch_two(tiny_sd_path, tmp_path, "first")
+    assert all(report["steps"] == 4 for report in first)
+    resumed = launch_two(tiny_sd_path, tmp_path, "resume")
+    for report in resumed:
+        assert report["steps"] == 8 and len(report["weight_spread"]) == 4 and max(report["weight_spread"]) == 0.0
+    a = load_file(straight / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

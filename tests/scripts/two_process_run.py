@@ -1,4 +1,6 @@
-"""Run under `accelerate launch --num_processes 2 --cpu`: a tiny LOOP run that checks itself.
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (CPU): a tiny LOOP run that checks itself.
+
+    two_process_run.py SD_PATH OUT [full|first|resume]
 
 After every optimizer step it gathers a fingerprint of the trainable weights from both ranks;
 after every epoch it checks that the gathered group ids form whole groups of K samples that each
@@ -14,7 +16,9 @@ from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
 from loop_trl.rewards import JpegCompressibility
 
 sd_path, out = sys.argv[1], sys.argv[2]
-config = LOOPConfig(num_epochs=2, sample_num_steps=3, sample_batch_size=8, sample_num_batches_per_epoch=2,
+mode = sys.argv[3] if len(sys.argv) > 3 else "full"  # full | first (stop after epoch 1) | resume
+torch.use_deterministic_algorithms(True)
+config = LOOPConfig(num_epochs=2, resume_from="latest" if mode == "resume" else "", sample_num_steps=3, sample_batch_size=8, sample_num_batches_per_epoch=2,
                     train_batch_size=4, mixed_precision="no", output_dir=out, train_learning_rate=1e-2,
                     sample_guidance_scale=2.0, seed=0)
 trainer = LOOPTrainer(config, JpegCompressibility(), ["a red circle", "a blue square", "two green triangles", "a cat"],
@@ -42,18 +46,18 @@ trainer.optimizer.step = checked_step
 original_advantages = trainer._advantages
 
 
-def checked_advantages(trajectories, rewards):
+def checked_advantages(trajectories, rewards, valid):
     ids = accelerator.gather(trajectories.group_ids)
     ranks = accelerator.gather(torch.full_like(trajectories.group_ids, accelerator.process_index))
     groups = {}
     for gid, rank in zip(ids.tolist(), ranks.tolist()):
         groups.setdefault(gid, []).append(rank)
     report["groups"].append(sorted((len(r), len(set(r))) for r in groups.values()))
-    return original_advantages(trajectories, rewards)
+    return original_advantages(trajectories, rewards, valid)
 
 
 trainer._advantages = checked_advantages
-trainer.train()
+trainer.train(epochs=1 if mode == "first" else None)
 report["steps"] = trainer.global_step
 with open(f"{out}/rank_{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)

@@ -253,7 +253,7 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
         if not self.use_lora:
             from diffusers import UNet2DConditionModel
 
-            loaded = UNet2DConditionModel.from_pretrained(directory, subfolder="unet")
+            loaded = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", use_safetensors=True)
             unet.load_state_dict(loaded.state_dict())
             return
         state_dict, _ = StableDiffusionPipeline.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)

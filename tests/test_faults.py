@@ -1,0 +1,143 @@
+"""Reward faults, non-finite steps, and what survives them."""
+
+import os
+
+import pytest
+import torch
+
+from loop_trl import LOOPStableDiffusionPipeline, LOOPTrainer
+from loop_trl.rewards import JpegCompressibility
+
+from test_trainer import PROMPTS, lora_weights, make_trainer, small_config
+
+
+def test_raising_reward_names_where_and_leaves_the_checkpoint_loadable(tmp_path, tiny_sd_path):
+    state = {"fail": False}
+    jpeg = JpegCompressibility()
+
+    def flaky(images, prompts, metadata):
+        if state["fail"]:
+            raise ConnectionError("reward server down")
+        return jpeg(images, prompts, metadata)
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=flaky, num_epochs=3)
+    trainer.train(epochs=1)
+    saved = lora_weights(trainer)
+    state["fail"] = True
+    with pytest.raises(RuntimeError, match=r"reward_function raised ConnectionError: reward server down \[epoch 1, sampling batch 0, prompts \["):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["checkpoint_1"]
+    state["fail"] = False
+    resumed = make_trainer(tmp_path, tiny_sd_path, reward=flaky, num_epochs=3, resume_from="latest")
+    assert resumed.first_epoch == 1
+    assert all(torch.equal(saved[n], p) for n, p in lora_weights(resumed).items())
+    resumed.train()
+    assert resumed.first_epoch == 3
+
+
+def test_skip_group_drops_only_the_faulty_group(tmp_path, tiny_sd_path):
+    seen = {}
+
+    def one_nan(images, prompts, metadata):
+        rewards = torch.arange(len(prompts), dtype=torch.float32)
+        rewards[5] = float("nan")  # sample 5 belongs to the second group (samples 4..7)
+        return rewards, {}
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=one_nan, reward_error="skip_group")
+    original = trainer._train_inner_epoch
+
+    def capture(trajectories, advantages, *args):
+        seen["advantages"] = advantages.clone()
+        return original(trajectories, advantages, *args)
+
+    trainer._train_inner_epoch = capture
+    trainer.step(0, 0)
+    assert trainer.last_metrics["skipped_groups"] == 1
+    assert trainer.last_metrics["reward_mean"] == pytest.approx(1.5)  # mean of the kept rewards 0..3
+    adv = seen["advantages"]
+    assert torch.equal(adv[4:], torch.zeros(4)) and torch.isfinite(adv).all() and adv[:4].abs().sum() > 0
+
+
+def test_skip_group_stops_past_the_allowed_fraction(tmp_path, tiny_sd_path):
+    def broken(images, prompts, metadata):
+        raise OSError("disk full")
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=broken, reward_error="skip_group")
+    before = lora_weights(trainer)
+    with pytest.raises(RuntimeError, match="reward failed for 2 of 2 prompt groups"):
+        trainer.step(0, 0)
+    assert all(torch.equal(before[n], p) for n, p in lora_weights(trainer).items())
+
+    calls = []
+
+    def half_broken(images, prompts, metadata):  # the first of two sampling batches fails
+        calls.append(1)
+        if len(calls) % 2 == 1:
+            raise OSError("disk full")
+        return torch.zeros(len(prompts)), {}
+
+    ok = make_trainer(tmp_path, tiny_sd_path, reward=half_broken, reward_error="skip_group",
+                      sample_num_batches_per_epoch=2, reward_max_skip_fraction=0.5)
+    ok.step(0, 0)
+    assert ok.last_metrics["skipped_groups"] == 2
+    strict = make_trainer(tmp_path, tiny_sd_path, reward=half_broken, reward_error="skip_group",
+                          sample_num_batches_per_epoch=2, reward_max_skip_fraction=0.25)
+    with pytest.raises(RuntimeError, match="2 of 4 prompt groups"):
+        strict.step(0, 0)
+
+
+def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path, max_consecutive_nonfinite_steps=3)
+    log_prob = trainer.policy.log_prob
+    poisoned = {"calls": 0, "bad": {0, 1, 2}}  # the first optimizer step (3 timesteps x 1 minibatch) is poisoned
+
+    def sometimes_nan(*args, **kwargs):
+        out = log_prob(*args, **kwargs)
+        poisoned["calls"] += 1
+        return out * float("nan") if poisoned["calls"] - 1 in poisoned["bad"] else out
+
+    trainer.policy.log_prob = sometimes_nan
+    before = lora_weights(trainer)
+    trainer.step(0, 0)  # step 1 skipped, step 2 taken
+    assert trainer.nonfinite_steps == 1 and trainer.consecutive_nonfinite_steps == 0
+    after = lora_weights(trainer)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.isfinite(s["exp_avg"]).all() for s in trainer.optimizer.state.values())
+
+    poisoned["bad"] = set(range(10_000))
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a non-finite"):
+        for epoch in (1, 2):  # 2 optimizer steps per epoch
+            trainer.step(epoch, 0)
+    stuck = lora_weights(trainer)
+    assert all(torch.equal(after[n], stuck[n]) for n in after)  # nothing non-finite reached the weights
+
+
+def test_long_prompts_are_truncated_with_a_warning(tmp_path, tiny_sd_path, caplog):
+    long_prompt = "a red circle " * 20  # 260 characters: longer than the tiny tokenizer's 77 tokens
+    trainer = make_trainer(tmp_path, tiny_sd_path, prompts=[long_prompt])
+    trainer.step(0, 0)
+    assert any("truncated" in record.getMessage() for record in caplog.records)
+
+
+def test_checkpoints_rotate_and_ignore_partial_folders(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path, num_epochs=4, num_checkpoint_limit=2)
+    (tmp_path / "run" / "checkpoints" / "checkpoint_9.partial").mkdir(parents=True)
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["checkpoint_3", "checkpoint_4", "checkpoint_9.partial"]
+    resumed = make_trainer(tmp_path, tiny_sd_path, num_epochs=4, resume_from="latest")
+    assert resumed.first_epoch == 4
+    with pytest.raises(ValueError, match="not a LOOP checkpoint"):
+        make_trainer(tmp_path, tiny_sd_path, resume_from=str(tmp_path / "run" / "checkpoints" / "checkpoint_9.partial"))
+
+
+def test_lr_scheduler_follows_optimizer_steps(tmp_path, tiny_sd_path):
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    config = small_config(tmp_path, num_epochs=2, train_lr_scheduler="linear", train_learning_rate=1e-2)
+    trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, policy)
+    rates = []
+    for epoch in range(2):
+        trainer.step(epoch, trainer.global_step)
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    # 2 epochs x 2 optimizer steps: linear decay to 0 after 4 steps
+    assert rates == pytest.approx([5e-3, 0.0])
