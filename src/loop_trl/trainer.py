@@ -165,7 +165,8 @@ class LOOPTrainer:
             if self.config.push_to_hub:
                 self.push_to_hub(self.config.hub_model_id, private=self.config.hub_private)
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        if self.first_epoch >= self.config.num_epochs:  # the run is complete: close the trackers
+            self.accelerator.end_training()
 
     def step(self, epoch: int, global_step: int) -> int:
         """One LOOP epoch: sample K trajectories per prompt, score, compute advantages, optimise.

@@ -1,0 +1,1 @@
+"""Small, CPU-sized worlds in which RL fine-tuning can be measured."""
