@@ -11,6 +11,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"loop_trl.testbeds.shapes": ["model/*.json", "model/*/*.json", "model/*/*.safetensors", "model/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",  # a lower bound only: users pick the CUDA/CPU build they need
@@ -27,7 +28,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard", "hypothesis"],
+        "test": ["pytest>=8", "tensorboard", "hypothesis", "matplotlib"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],

@@ -91,3 +91,14 @@ def test_evaluate_reports_per_family_accuracy(tiny_sd_path):
     assert set(result) == set(FAMILIES) | {"overall", "mean_score"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
     assert result == evaluate(policy, prompts, n_per_prompt=2, num_steps=2, seed=0)  # fixed seed, same numbers
+
+
+def test_word_tokenizer_keeps_every_testbed_word_whole():
+    from loop_trl.testbeds.shapes.train_base import WORDS, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    assert all(len(tokenizer.tokenize(word)) == 1 for word in WORDS)
+    for prompts in all_prompts().values():
+        for prompt in prompts[:20]:
+            assert len(tokenizer.tokenize(prompt)) == len(prompt.split())
+    assert len(tokenizer("a red circle to the left of a blue square").input_ids) <= tokenizer.model_max_length
