@@ -26,10 +26,10 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "matplotlib",  # reward curves and benchmark plots
     ],
     extras_require={
         "test": ["pytest>=8", "tensorboard", "hypothesis", "matplotlib"],
-        "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

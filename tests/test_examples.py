@@ -55,7 +55,7 @@ def test_config_reference_is_up_to_date():
 @pytest.mark.slow
 def test_train_shapes_example_writes_its_outputs(tmp_path):
     run(os.path.join(ROOT, "examples", "train_shapes.py"), "--num_epochs", "2", "--save_freq", "2",
-        "--sample_num_batches_per_epoch", "1", "--eval_prompts_per_family", "1", "--eval_images_per_prompt", "1",
+        "--sample_num_batches_per_epoch", "1", "--train_gradient_accumulation_steps", "1", "--eval_prompts_per_family", "1", "--eval_images_per_prompt", "1",
         "--grid_prompts", "2", "--output_dir", "shapes-run", cwd=tmp_path)
     out = tmp_path / "shapes-run"
     assert {"reward_curve.png", "before_after.png", "metrics.json", "pytorch_lora_weights.safetensors",

@@ -41,6 +41,8 @@ class LOOPConfig:
       ``train_num_inner_epochs``, ``train_cfg``, ``train_clip_range``,
       ``train_timestep_fraction``, ``train_lr_scheduler``, ``train_lr_warmup_steps``.
 
+    > Memory: ``gradient_checkpointing``, ``offload_trajectories``.
+
     > Faults: ``reward_error``, ``reward_max_skip_fraction``, ``max_consecutive_nonfinite_steps``.
 
     Batch sizes are per process. Each sampling batch of ``sample_batch_size`` images holds
@@ -101,6 +103,10 @@ class LOOPConfig:
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the denoising steps trained on per trajectory, drawn at random for each sample."})
     train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts' or 'polynomial'."})
     train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
+
+    # Memory
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the UNet's activations during the backward pass instead of keeping them: much less activation memory in training for roughly one more forward pass of time."})
+    offload_trajectories: bool = field(default=False, metadata={"help": "Keep each epoch's stored trajectories (latents of every step, text embeddings, images) in CPU memory and move one training minibatch at a time to the accelerator."})
 
     # Faults
     reward_error: str = field(default="raise", metadata={"help": "What a failing reward does: 'raise' stops the run with a message naming the prompt and sample; 'skip_group' drops the affected prompt groups from the epoch (they get zero advantage) and logs how many."})

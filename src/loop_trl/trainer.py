@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -121,6 +122,8 @@ class LOOPTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
 
         self.policy.to(accelerator.device, _DTYPES[accelerator.mixed_precision])
+        if config.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
         self.trainable_parameters = self.policy.trainable_parameters()
         if not self.trainable_parameters:
             raise ValueError("The pipeline has no trainable parameters.")
@@ -174,6 +177,8 @@ class LOOPTrainer:
         Returns the global optimizer-step count after the epoch.
         """
         config = self.config
+        self._timers = defaultdict(float)
+        started = self._clock()
         trajectories, prompt_image_data, valid = self._sample(epoch)
         rewards = torch.cat([torch.as_tensor(batch[3]) for batch in prompt_image_data]).float()
         advantages, epoch_metrics = self._advantages(trajectories, rewards, valid)
@@ -187,6 +192,8 @@ class LOOPTrainer:
             if inner_epoch == 0:
                 epoch_metrics["onpolicy_ratio"] = train_metrics["onpolicy_ratio"]
         epoch_metrics["epoch"] = epoch
+        epoch_metrics["time_epoch_s"] = self._clock() - started
+        epoch_metrics.update({f"time_{name}_s": seconds for name, seconds in self._timers.items()})
         self.accelerator.log(epoch_metrics, step=global_step)
         self.last_metrics = epoch_metrics
         return global_step
@@ -204,13 +211,19 @@ class LOOPTrainer:
             prompts, metadata = self.prompts.draw(prompts_per_batch, epoch, batch, config.sample_num_batches_per_epoch)
             prompts = [p for p in prompts for _ in range(k)]  # K adjacent copies of each prompt
             metadata = [m for m in metadata for _ in range(k)]
+            started = self._clock()
             traj = self.policy.sample(prompts, num_steps=config.sample_num_steps,
                                       guidance_scale=config.sample_guidance_scale, eta=config.sample_eta,
                                       generator=generator, negative_prompt=config.negative_prompts)
             # globally unique group ids: one per (epoch, batch, process, prompt)
             slot = (epoch * config.sample_num_batches_per_epoch + batch) * accelerator.num_processes + accelerator.process_index
             traj.group_ids = slot * prompts_per_batch + torch.arange(len(prompts), device=traj.group_ids.device) // k
+            if config.offload_trajectories:
+                traj = traj.to("cpu")
+            sampled = self._clock()
             rewards, reward_metadata, batch_valid = self._score(traj.images, prompts, metadata, epoch, batch)
+            self._timers["sampling"] += sampled - started
+            self._timers["reward"] += self._clock() - sampled
             batches.append(traj)
             valid.append(batch_valid)
             prompt_image_data.append([traj.images, prompts, metadata, rewards, reward_metadata])
@@ -287,16 +300,17 @@ class LOOPTrainer:
         perm = torch.randperm(n, generator=generator)
         trajectories, advantages = trajectories[perm], advantages[perm.to(advantages.device)]
         steps = torch.stack([torch.randperm(T, generator=generator) for _ in range(n)])[:, :config.num_train_timesteps]
-        steps = steps.to(trajectories.latents.device)
+        steps = steps.to(accelerator.device)
         rows = torch.arange(config.train_batch_size, device=steps.device)
         guidance = None if config.train_cfg else 1.0
 
         window: dict[str, list[torch.Tensor]] = defaultdict(list)
         first_ratio = None
         self.policy.denoiser.train()
+        started = self._clock()
         for start in tqdm(range(0, n, config.train_batch_size), desc=f"epoch {epoch}: training", leave=False,
                           disable=not accelerator.is_local_main_process):
-            batch = trajectories[slice(start, start + config.train_batch_size)]
+            batch = trajectories[slice(start, start + config.train_batch_size)].to(accelerator.device)
             batch_adv = advantages[start:start + config.train_batch_size]
             for j in range(config.num_train_timesteps):
                 step = steps[start:start + config.train_batch_size, j]
@@ -317,8 +331,15 @@ class LOOPTrainer:
                                    nonfinite_steps=self.nonfinite_steps)
                     accelerator.log(metrics, step=global_step)
                     window.clear()
+        self._timers["training"] += self._clock() - started
         onpolicy = accelerator.reduce(first_ratio.to(accelerator.device), "mean").item()
         return global_step, {"onpolicy_ratio": onpolicy}
+
+    def _clock(self) -> float:
+        """Wall time in seconds, after the accelerator has finished its queued work."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------ optimizer, checkpoints, saving
     def _optimizer_step(self) -> None:

@@ -53,10 +53,11 @@ class Trajectories:
 
     def __getitem__(self, index: torch.Tensor | slice | Sequence[int]) -> "Trajectories":
         """Select samples along the batch dimension."""
-        if isinstance(index, slice):
-            positions = list(range(len(self)))[index]
-        else:
-            positions = torch.as_tensor(index).reshape(-1).tolist()
+        if isinstance(index, slice):  # views, no copy
+            changes = {name: getattr(self, name)[index] for name in self._tensor_fields()}
+            changes["prompts"] = self.prompts[index]
+            return replace(self, **changes)
+        positions = torch.as_tensor(index).reshape(-1).tolist()
         changes = {name: getattr(self, name)[positions] for name in self._tensor_fields()}
         changes["prompts"] = [self.prompts[i] for i in positions]
         return replace(self, **changes)
@@ -104,3 +105,7 @@ class DiffusionPolicy(abc.ABC):
     @abc.abstractmethod
     def load_adapter(self, directory: str) -> None:
         """Load weights written by :meth:`save_adapter` into the trainable model."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass of training forward passes (to save memory)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing.")

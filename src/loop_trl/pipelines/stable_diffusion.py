@@ -140,6 +140,9 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
                 param.data = param.data.to(torch.float32 if param.requires_grad else inference_dtype)
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.pipeline.unet.enable_gradient_checkpointing()
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.pipeline.unet.parameters() if p.requires_grad]
 

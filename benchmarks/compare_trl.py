@@ -1,0 +1,148 @@
+"""The anchor: identical DDPO work on TRL 0.23.1's DDPOTrainer and on loop-trl, in one run.
+
+    bash benchmarks/trl_anchor/setup_env.sh                  # once: TRL 0.23.1 + transformers<5
+    python benchmarks/compare_trl.py --output_dir benchmarks/results/trl
+
+Both sides train a rank-4 LoRA (TRL's fixed rank) with PPO and per-prompt reward tracking (K=1),
+from the same testbed folder, against the same verifier, on the same training prompts, with the
+same images per epoch, steps, guidance, batch sizes, clip range and learning rate. loop-trl also
+runs a second time with its memory options on (gradient checkpointing, trajectories kept off the
+accelerator). The runs alternate per seed, each in its own process, so that both meet the same
+machine. Writes runs/*.json, table.md (median epoch time and peak memory, as ratios to TRL) and
+curves.png (training reward against sampled images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VARIANTS = ("trl_ddpo", "loop_trl_ddpo", "loop_trl_ddpo_memory")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", default="benchmarks/results/trl", help="where runs/, table.md and curves.png go")
+    parser.add_argument("--anchor_python", default=os.path.join(HERE, ".venv-trl", "bin", "python"),
+                        help="the interpreter of the anchor's environment (made by trl_anchor/setup_env.sh)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
+    parser.add_argument("--images_per_epoch", type=int, default=32, help="sampled images per epoch")
+    parser.add_argument("--sample_batch_size", type=int, default=16, help="images per sampling batch")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="trajectories per training minibatch")
+    parser.add_argument("--num_steps", type=int, default=10, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="mixed precision of both")
+    parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
+    parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
+    return parser.parse_args(argv)
+
+
+def shared_flags(args: argparse.Namespace) -> list[str]:
+    return ["--epochs", str(args.epochs), "--images_per_epoch", str(args.images_per_epoch),
+            "--sample_batch_size", str(args.sample_batch_size), "--train_batch_size", str(args.train_batch_size),
+            "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--mixed_precision", args.mixed_precision]
+
+
+def run_variant(args: argparse.Namespace, variant: str, seed: int) -> dict:
+    path = os.path.join(args.output_dir, "runs", f"{variant}_seed{seed}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    work = os.path.join(args.output_dir, "work", f"{variant}_seed{seed}")
+    if variant == "trl_ddpo":
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        subprocess.run([args.anchor_python, os.path.join(HERE, "trl_anchor", "run_ddpo.py"), "--output_dir", work,
+                        "--seed", str(seed), "--lr", str(args.lr), "--clip_range", str(args.clip_range), *shared_flags(args)],
+                       check=True, env=env)
+        with open(os.path.join(work, "result.json")) as f:
+            result = json.load(f)
+        result["evals"] = [evaluate_adapter(args, os.path.join(work, "adapter"), result["epochs"][-1]["images"])]
+    else:
+        memory = ["--gradient_checkpointing", "--offload_trajectories"] if variant.endswith("_memory") else []
+        subprocess.run([sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir", work, "--lora_rank", "4",
+                        "--clip_range", str(args.clip_range), "--eval_every", str(args.epochs),
+                        "--eval_prompts_per_family", str(args.eval_prompts_per_family),
+                        "--eval_images_per_prompt", str(args.eval_images_per_prompt), *shared_flags(args), *memory,
+                        "--run_one", f"ppo:{seed}:{args.lr!r}"], check=True)
+        with open(os.path.join(work, "runs", f"ppo_seed{seed}_lr{args.lr:g}.json")) as f:
+            result = json.load(f)
+        result["method"] = variant
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def evaluate_adapter(args: argparse.Namespace, adapter: str, images: int) -> dict:
+    """Held-out accuracy of an adapter TRL saved, loaded into loop-trl's policy (diffusers LoRA format)."""
+    from loop_trl.testbeds.shapes import evaluate, heldout_prompts, load_policy
+
+    policy = load_policy(lora_rank=4, adapter=adapter)
+    accuracy = evaluate(policy, heldout_prompts(per_family=args.eval_prompts_per_family, seed=0),
+                        args.eval_images_per_prompt, seed=1, num_steps=args.num_steps, guidance_scale=args.guidance)
+    return {"images": images, **accuracy}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not os.path.exists(args.anchor_python):
+        raise SystemExit(f"No anchor environment at {args.anchor_python}; run: bash benchmarks/trl_anchor/setup_env.sh")
+    os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
+    runs = {v: [] for v in VARIANTS}
+    for seed in args.seeds:
+        for variant in VARIANTS:
+            print(f"seed {seed}: {variant}", flush=True)
+            runs[variant].append(run_variant(args, variant, seed))
+
+    def median_epoch(results: list[dict]) -> float:  # the first epoch warms up and is left out when there are more
+        return float(np.median([e["wall_epoch_s"] for r in results for e in (r["epochs"][1:] or r["epochs"])]))
+
+    anchor_time = median_epoch(runs["trl_ddpo"])
+    anchor_memory = float(np.median([r["peak_memory_mb"] for r in runs["trl_ddpo"]]))
+    versions = runs["trl_ddpo"][0].get("versions", {})
+    lines = [f"Anchor: TRL {versions.get('trl', '?')} (transformers {versions.get('transformers', '?')}, diffusers "
+             f"{versions.get('diffusers', '?')}, torch {versions.get('torch', '?')}). {len(args.seeds)} seeds x "
+             f"{args.epochs} epochs x {args.images_per_epoch} images, {args.num_steps} steps, guidance {args.guidance}, "
+             f"LoRA rank 4, lr {args.lr:g}, mixed precision {args.mixed_precision}.", "",
+             "| trainer | median epoch (s) | epoch time / TRL | peak memory (MB) | memory / TRL | reward, epoch 1 "
+             "| reward, last 3 epochs | held-out accuracy after |", "|" + " --- |" * 8]
+    for variant, results in runs.items():
+        t, m = median_epoch(results), float(np.median([r["peak_memory_mb"] for r in results]))
+        lines.append(
+            f"| {variant} | {t:.2f} | {t / anchor_time:.2f} | {m:.0f} | {m / anchor_memory:.2f} | "
+            f"{np.mean([r['epochs'][0]['reward_mean'] for r in results]):.3f} | "
+            f"{np.mean([np.mean([e['reward_mean'] for e in r['epochs'][-3:]]) for r in results]):.3f} | "
+            f"{np.mean([r['evals'][-1]['overall'] for r in results]):.3f} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for variant, results in runs.items():
+        images = [e["images"] for e in results[0]["epochs"]]
+        ax.plot(images, np.mean([[e["reward_mean"] for e in r["epochs"]] for r in results], axis=0), marker=".", label=variant)
+    ax.set(xlabel="sampled images", ylabel="mean training reward", title="DDPO work: TRL 0.23.1 vs loop-trl")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "curves.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Every benchmark script, run at a tiny scale (the full benchmarks are not part of the suite)."""
+
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+from test_examples import ROOT, run
+
+BENCH = os.path.join(ROOT, "benchmarks")
+ANCHOR_PYTHON = os.path.join(BENCH, ".venv-trl", "bin", "python")
+TINY = ["--epochs", "1", "--images_per_epoch", "8", "--sample_batch_size", "8", "--train_batch_size", "8",
+        "--num_steps", "2", "--eval_prompts_per_family", "1", "--eval_images_per_prompt", "1"]
+
+sys.path.insert(0, BENCH)
+from compare_algorithms import METHODS, first_reaching  # noqa: E402
+
+
+def test_every_method_is_a_valid_config_with_what_it_promises():
+    from loop_trl import LOOPConfig
+
+    configs = {name: LOOPConfig(sample_batch_size=16, train_batch_size=16, **settings) for name, settings in METHODS.items()}
+    assert configs["loop"].advantage_estimator == "loo" and configs["loop"].num_samples_per_prompt == 4
+    assert configs["ppo"].advantage_estimator == "per_prompt_tracker" and configs["ppo"].num_samples_per_prompt == 1
+    for one_pass in ("reinforce", "reinforce_loo"):
+        assert configs[one_pass].train_num_inner_epochs == 1 and configs[one_pass].train_clip_range == float("inf")
+    assert configs["grpo"].advantage_estimator == "group_norm"
+
+
+def test_first_reaching():
+    evals = [{"images": 32, "overall": 0.5}, {"images": 64, "overall": 0.7}, {"images": 96, "overall": 0.6}]
+    assert first_reaching(evals, 0.6) == 64
+    assert first_reaching(evals, 0.8) == float("inf")
+
+
+@pytest.mark.slow
+def test_compare_algorithms_tiny(tmp_path):
+    run(os.path.join(BENCH, "compare_algorithms.py"), "--output_dir", "out", "--methods", "loop", "ppo", "--seeds", "0",
+        "--lora_rank", "2", "--eval_every", "1", *TINY, cwd=tmp_path)
+    out = tmp_path / "out"
+    assert {"runs.csv", "summary.csv", "table.md", "curves.png"} <= set(os.listdir(out))
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["loop", "ppo"]
+    assert all(0.0 <= float(r["heldout_after"]) <= 1.0 and float(r["median_epoch_s"]) > 0 for r in rows)
+    assert "PPO's final held-out accuracy" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_profile_epoch_tiny(tmp_path):
+    out = run(os.path.join(BENCH, "profile_epoch.py"), "--output_dir", "prof", "--epochs", "1", "--images_per_epoch", "8",
+              "--sample_batch_size", "8", "--train_batch_size", "8", "--num_steps", "2", "--floor_repeats", "1",
+              "--gradient_checkpointing", cwd=tmp_path)
+    profile = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert set(profile["parts_s"]) == {"sampling", "reward", "training", "other"}
+    assert profile["floor_s"]["sampling"] > 0 and profile["floor_s"]["training"] > 0
+    assert profile["epoch_over_floor"] > 0
+    assert "| epoch |" in out.stdout
+
+
+@pytest.mark.slow
+def test_compare_trl_tiny(tmp_path):
+    if not os.path.exists(ANCHOR_PYTHON):
+        if os.environ.get("LOOP_TRL_REQUIRE_ANCHOR"):
+            pytest.fail(f"No anchor environment at {ANCHOR_PYTHON}: bash benchmarks/trl_anchor/setup_env.sh")
+        pytest.skip("the TRL 0.23.1 anchor environment is not installed (bash benchmarks/trl_anchor/setup_env.sh)")
+    out = run(os.path.join(BENCH, "compare_trl.py"), "--output_dir", "trl", "--seeds", "0", *TINY, cwd=tmp_path)
+    assert "| trl_ddpo |" in out.stdout and "| loop_trl_ddpo_memory |" in out.stdout
+    anchor = json.loads((tmp_path / "trl" / "runs" / "trl_ddpo_seed0.json").read_text())
+    assert anchor["versions"]["trl"] == "0.23.1"
+    assert 0.0 <= anchor["evals"][0]["overall"] <= 1.0  # TRL's adapter loaded into loop-trl and evaluated

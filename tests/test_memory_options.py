@@ -1,0 +1,30 @@
+"""The memory options change where tensors live and what is recomputed, never the update."""
+
+import pytest
+import torch
+
+from test_trainer import lora_weights, make_trainer
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "offload_trajectories"])
+def test_memory_option_gives_the_same_update(tmp_path, tiny_sd_path, option):
+    plain = make_trainer(tmp_path / "plain", tiny_sd_path)
+    frugal = make_trainer(tmp_path / "frugal", tiny_sd_path, **{option: True})
+    if option == "gradient_checkpointing":
+        assert frugal.policy.unet.is_gradient_checkpointing and not plain.policy.unet.is_gradient_checkpointing
+    before = lora_weights(plain)
+    plain.step(0, 0)
+    frugal.step(0, 0)
+    moved = [n for n, p in lora_weights(plain).items() if not torch.equal(before[n], p)]
+    assert moved  # the update is not trivially zero
+    for name, weight in lora_weights(frugal).items():
+        torch.testing.assert_close(weight, lora_weights(plain)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_reports_where_its_time_goes(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path)
+    trainer.step(0, 0)
+    metrics = trainer.last_metrics
+    parts = [metrics[f"time_{name}_s"] for name in ("sampling", "reward", "training")]
+    assert all(seconds > 0 for seconds in parts)
+    assert sum(parts) <= metrics["time_epoch_s"]
