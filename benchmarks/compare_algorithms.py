@@ -17,12 +17,14 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_workload_arguments, clock, peak_memory_mb  # noqa: E402
 
 METHODS = {
     # advantage estimator, K, and what each method fixes of the PPO settings
@@ -42,19 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of each method")
     parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-3], help="learning rates of each method")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per run")
-    parser.add_argument("--images_per_epoch", type=int, default=32, help="sampled images per epoch, the same for every method")
-    parser.add_argument("--sample_batch_size", type=int, default=16, help="images per sampling batch")
-    parser.add_argument("--train_batch_size", type=int, default=16, help="trajectories per training minibatch")
-    parser.add_argument("--num_steps", type=int, default=10, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    add_workload_arguments(parser, epochs=20)
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range (methods with clipping)")
     parser.add_argument("--inner_epochs", type=int, default=1, help="PPO passes per epoch (methods with clipping)")
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every this many epochs (and at the end)")
     parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
     parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="LOOPConfig.mixed_precision")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="LOOPConfig.gradient_checkpointing")
     parser.add_argument("--offload_trajectories", action="store_true", help="LOOPConfig.offload_trajectories")
     parser.add_argument("--run_one", default=None, help=argparse.SUPPRESS)  # internal: method:seed:lr
@@ -63,15 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_name(method: str, seed: int, lr: float) -> str:
     return f"{method}_seed{seed}_lr{lr:g}"
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by torch, or on CPU the process's peak resident memory."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict:
@@ -91,11 +78,11 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
     trainer = LOOPTrainer(config, ShapesReward(), train_prompts(), load_policy(lora_rank=args.lora_rank))
     epochs, evals = [], []
     for epoch in range(args.epochs):
-        started = trainer._clock()
+        started = clock(trainer.accelerator.device)
         trainer.global_step = trainer.step(epoch, trainer.global_step)
         m = trainer.last_metrics
         epochs.append({"epoch": epoch + 1, "images": (epoch + 1) * args.images_per_epoch, "reward_mean": m["reward_mean"],
-                       "wall_epoch_s": trainer._clock() - started, **{k: m[k] for k in m if k.startswith("time_")}})
+                       "wall_epoch_s": clock(trainer.accelerator.device) - started, **{k: m[k] for k in m if k.startswith("time_")}})
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             accuracy = evaluate(trainer.policy, held_out, args.eval_images_per_prompt, seed=1,
                                 num_steps=args.num_steps, guidance_scale=args.guidance)

@@ -22,6 +22,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_workload_arguments  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VARIANTS = ("trl_ddpo", "loop_trl_ddpo", "loop_trl_ddpo_memory")
@@ -33,15 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--anchor_python", default=os.path.join(HERE, ".venv-trl", "bin", "python"),
                         help="the interpreter of the anchor's environment (made by trl_anchor/setup_env.sh)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
-    parser.add_argument("--images_per_epoch", type=int, default=32, help="sampled images per epoch")
-    parser.add_argument("--sample_batch_size", type=int, default=16, help="images per sampling batch")
-    parser.add_argument("--train_batch_size", type=int, default=16, help="trajectories per training minibatch")
-    parser.add_argument("--num_steps", type=int, default=10, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    add_workload_arguments(parser, epochs=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="mixed precision of both")
     parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
     parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
     return parser.parse_args(argv)

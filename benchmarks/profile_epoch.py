@@ -17,34 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import time
+import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_workload_arguments, clock, peak_memory_mb  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", default="benchmarks/results/profile", help="where profile.json goes")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
-    parser.add_argument("--images_per_epoch", type=int, default=32, help="sampled images per epoch")
-    parser.add_argument("--sample_batch_size", type=int, default=16, help="images per sampling batch")
-    parser.add_argument("--train_batch_size", type=int, default=16, help="trajectories per training minibatch")
-    parser.add_argument("--num_steps", type=int, default=10, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    add_workload_arguments(parser, epochs=3)  # timed epochs, after one warm-up epoch
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="LOOPConfig.mixed_precision")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="LOOPConfig.gradient_checkpointing")
     parser.add_argument("--offload_trajectories", action="store_true", help="LOOPConfig.offload_trajectories")
     parser.add_argument("--floor_repeats", type=int, default=3, help="times the floor is measured (median taken)")
     return parser.parse_args(argv)
-
-
-def clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def floor_seconds(policy, config, device: torch.device) -> dict[str, float]:
@@ -104,8 +94,7 @@ def main(argv=None) -> None:
     parts["other"] = median["time_epoch_s"] - sum(parts.values())
     floor = {k: float(np.median([f[k] for f in floors])) for k in floors[0]}
     floor_total = sum(floor.values())
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory_mb()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {"device": device_name, "args": vars(args), "median_epoch_s": median["time_epoch_s"], "parts_s": parts,
               "floor_s": floor, "epoch_over_floor": median["time_epoch_s"] / floor_total, "peak_memory_mb": peak}

@@ -78,3 +78,13 @@ def test_tokenizer_also_ships_the_files_transformers_4_needs(tmp_path):
     shipped = load_pipeline().tokenizer
     for prompt in all_prompts()["spatial"][:5] + ["two cyan triangles", "a cat"]:
         assert from_files(prompt).input_ids == shipped(prompt).input_ids
+
+
+def test_text_encoder_weights_carry_the_names_transformers_4_loads():
+    """transformers 5 writes CLIPTextModel keys without the ``text_model.`` prefix; transformers 4 would then
+    start from random weights without an error. The shipped file uses the names both versions load."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(MODEL_DIR, "text_encoder", "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)

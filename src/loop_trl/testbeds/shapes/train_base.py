@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -113,6 +114,16 @@ def save(vae, text_encoder, tokenizer, unet, output_dir: str) -> None:
                                        requires_safety_checker=False)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     write_slow_tokenizer_files(tokenizer, os.path.join(output_dir, "tokenizer"))
+    prefix_text_encoder_keys(os.path.join(output_dir, "text_encoder", "model.safetensors"))
+
+
+def prefix_text_encoder_keys(path: str) -> None:
+    """transformers 5 saves CLIPTextModel weights as ``embeddings.*``, ``encoder.*``; transformers 4
+    expects ``text_model.embeddings.*`` (as Stable Diffusion's own files have) and would silently start
+    from random weights. Both versions load the prefixed names, so store those."""
+    state = load_file(path)
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path,
+              metadata={"format": "pt"})
 
 
 def write_slow_tokenizer_files(tokenizer: CLIPTokenizer, directory: str) -> None:
