@@ -9,10 +9,10 @@ import time
 import torch
 
 
-def add_workload_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
+def add_workload_arguments(parser: argparse.ArgumentParser, epochs: int, images_per_epoch: int = 32) -> None:
     """Options that fix the work of one run, the same for every method compared."""
     parser.add_argument("--epochs", type=int, default=epochs, help="epochs per run")
-    parser.add_argument("--images_per_epoch", type=int, default=32, help="sampled images per epoch, the same for every method")
+    parser.add_argument("--images_per_epoch", type=int, default=images_per_epoch, help="sampled images per epoch, the same for every method")
     parser.add_argument("--sample_batch_size", type=int, default=16, help="images per sampling batch")
     parser.add_argument("--train_batch_size", type=int, default=16, help="trajectories per training minibatch")
     parser.add_argument("--num_steps", type=int, default=10, help="DDIM steps")

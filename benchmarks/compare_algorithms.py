@@ -3,12 +3,17 @@ group normalisation, on the shapes testbed, with the same images per epoch for e
 
     python benchmarks/compare_algorithms.py --output_dir benchmarks/results/compare
     python benchmarks/compare_algorithms.py --output_dir benchmarks/results/lr_sweep \
-        --methods loop ppo --seeds 0 --learning_rates 3e-4 1e-3 3e-3
+        --methods loop ppo --seeds 0 --learning_rates 1e-3 3e-3 1e-2
+
+The defaults are the work docs/benchmarks.md reports: 16 epochs of 64 images, LoRA rank 8, lr 3e-3,
+two optimizer steps of 32 trajectories per epoch, half of each trajectory's steps trained.
 
 Every (method, seed, learning rate) runs in its own process (so peak memory is its own) and writes
 runs/<name>.json; a finished run is not repeated when the command is run again. At the end the
 script writes runs.csv (one row per epoch and run), summary.csv, curves.png (training reward and
-held-out accuracy against sampled images, mean over seeds) and table.md.
+held-out accuracy against sampled images, mean over seeds) and table.md, whose last lines say
+after how many images LOOP (mean over seeds) first reaches PPO's final held-out accuracy and
+PPO's final training reward.
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="benchmarks/results/compare", help="where runs/, CSVs, the plot and the table go")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of each method")
-    parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-3], help="learning rates of each method")
-    add_workload_arguments(parser, epochs=20)
+    parser.add_argument("--learning_rates", nargs="+", type=float, default=[3e-3], help="learning rates of each method")
+    add_workload_arguments(parser, epochs=16, images_per_epoch=64)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=2,
+                        help="training minibatches per optimizer step (64 images, batch 16, 2: two steps of 32 per epoch)")
+    parser.add_argument("--timestep_fraction", type=float, default=0.5, help="fraction of each trajectory's steps trained")
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range (methods with clipping)")
     parser.add_argument("--inner_epochs", type=int, default=1, help="PPO passes per epoch (methods with clipping)")
-    parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every this many epochs (and at the end)")
+    parser.add_argument("--eval_every", type=int, default=8, help="held-out evaluation every this many epochs (and at the end)")
     parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
     parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="LOOPConfig.gradient_checkpointing")
@@ -72,7 +80,8 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
         num_epochs=args.epochs, seed=seed, output_dir=os.path.join(args.output_dir, "work", run_name(method, seed, lr)),
         mixed_precision=args.mixed_precision, sample_num_steps=args.num_steps, sample_guidance_scale=args.guidance,
         sample_batch_size=args.sample_batch_size, sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch_size,
-        train_batch_size=args.train_batch_size, train_learning_rate=lr, save_freq=10**9,
+        train_batch_size=args.train_batch_size, train_gradient_accumulation_steps=args.gradient_accumulation_steps,
+        train_timestep_fraction=args.timestep_fraction, train_learning_rate=lr, save_freq=10**9,
         gradient_checkpointing=args.gradient_checkpointing, offload_trajectories=args.offload_trajectories, **settings)
     held_out = heldout_prompts(per_family=args.eval_prompts_per_family, seed=0)
     trainer = LOOPTrainer(config, ShapesReward(), train_prompts(), load_policy(lora_rank=args.lora_rank))
@@ -97,9 +106,40 @@ def base_accuracy(args: argparse.Namespace) -> dict:
                     args.eval_images_per_prompt, seed=1, num_steps=args.num_steps, guidance_scale=args.guidance)
 
 
-def first_reaching(evals: list[dict], level: float) -> float:
-    """Sampled images at the first evaluation whose overall accuracy reaches ``level`` (inf if none)."""
-    return next((e["images"] for e in evals if e["overall"] >= level - 1e-9), float("inf"))
+def first_reaching(points: list[dict], level: float, key: str = "overall") -> float:
+    """Sampled images at the first point whose ``key`` reaches ``level`` (inf if none)."""
+    return next((p["images"] for p in points if p[key] >= level - 1e-9), float("inf"))
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [float(np.mean(values[max(0, i + 1 - window):i + 1])) for i in range(len(values))]
+
+
+def sample_efficiency(runs: list[dict], lr: float, window: int = 3) -> list[str]:
+    """How many images LOOP (mean over seeds) needs to reach PPO's final level, held-out and training reward."""
+    loop = [r for r in runs if r["method"] == "loop" and r["lr"] == lr]
+    ppo = [r for r in runs if r["method"] == "ppo" and r["lr"] == lr]
+    if not loop or not ppo:
+        return []
+    ppo_images = ppo[0]["epochs"][-1]["images"]
+    lines = []
+    ppo_final = float(np.mean([r["evals"][-1]["overall"] for r in ppo]))
+    loop_evals = [{"images": e[0]["images"], "overall": float(np.mean([x["overall"] for x in e]))}
+                  for e in zip(*[r["evals"] for r in loop])]
+    reached = first_reaching(loop_evals, ppo_final)
+    lines.append(f"lr {lr:g}, held-out accuracy: PPO's final {ppo_final:.3f} after {ppo_images} images; LOOP (mean over "
+                 f"seeds) first reaches it after {reached} images ({reached / ppo_images:.2f} of PPO's).")
+    def mean_reward(group: list[dict]) -> list[float]:
+        return np.mean([[e["reward_mean"] for e in r["epochs"]] for r in group], axis=0).tolist()
+
+    ppo_reward = trailing_mean(mean_reward(ppo), window)[-1]
+    loop_curve = [{"images": e["images"], "reward": v}
+                  for e, v in zip(loop[0]["epochs"], trailing_mean(mean_reward(loop), window))]
+    reached = first_reaching(loop_curve, ppo_reward, key="reward")
+    lines.append(f"lr {lr:g}, training reward ({window}-epoch trailing mean over seeds): PPO's final {ppo_reward:.3f} after "
+                 f"{ppo_images} images; LOOP first reaches it after {reached} images ({reached / ppo_images:.2f} of PPO's).")
+    return lines
 
 
 def summarise(args: argparse.Namespace, runs: list[dict], base: dict) -> list[dict]:
@@ -113,7 +153,7 @@ def summarise(args: argparse.Namespace, runs: list[dict], base: dict) -> list[di
             epoch_times = [e["time_epoch_s"] for r in group for e in r["epochs"][1:] or r["epochs"]]
             rows.append({
                 "method": method, "lr": lr, "seeds": len(group),
-                "reward_first_epoch": np.mean([r["epochs"][0]["reward_mean"] for r in group]),
+                "reward_first_3_epochs": np.mean([np.mean([e["reward_mean"] for e in r["epochs"][:3]]) for r in group]),
                 "reward_last_3_epochs": np.mean([np.mean([e["reward_mean"] for e in r["epochs"][-3:]]) for r in group]),
                 "heldout_before": base["overall"],
                 "heldout_after": np.mean([f["overall"] for f in final]),
@@ -142,27 +182,16 @@ def write_outputs(args: argparse.Namespace, runs: list[dict], base: dict) -> Non
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["| method | lr | seeds | reward, epoch 1 | reward, last 3 epochs | held-out before | held-out after (sd) "
+    lines = ["| method | lr | seeds | reward, first 3 epochs | reward, last 3 epochs | held-out before | held-out after (sd) "
              "| binding | counting | spatial | median epoch (s) | peak memory (MB) |", "|" + " --- |" * 12]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seeds']} | {r['reward_first_epoch']:.3f} | "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seeds']} | {r['reward_first_3_epochs']:.3f} | "
                      f"{r['reward_last_3_epochs']:.3f} | {r['heldout_before']:.3f} | {r['heldout_after']:.3f} "
                      f"({r['heldout_after_sd']:.3f}) | {r['heldout_binding']:.2f} | {r['heldout_counting']:.2f} | "
                      f"{r['heldout_spatial']:.2f} | {r['median_epoch_s']:.1f} | {r['peak_memory_mb']:.0f} |")
-    loop = [r for r in runs if r["method"] == "loop"]
-    ppo = [r for r in runs if r["method"] == "ppo"]
-    if loop and ppo:
-        for lr in args.learning_rates:
-            ppo_final = np.mean([r["evals"][-1]["overall"] for r in ppo if r["lr"] == lr] or [np.nan])
-            loop_evals = [r["evals"] for r in loop if r["lr"] == lr]
-            if loop_evals and not np.isnan(ppo_final):
-                mean_curve = [{"images": e[0]["images"], "overall": float(np.mean([x["overall"] for x in e]))}
-                              for e in zip(*loop_evals)]
-                reached = first_reaching(mean_curve, ppo_final)
-                ppo_images = ppo[0]["evals"][-1]["images"]
-                lines.append(f"\nlr {lr:g}: PPO's final held-out accuracy {ppo_final:.3f} after {ppo_images} images; "
-                             f"LOOP (mean over seeds) first reaches it after {reached} images "
-                             f"({reached / ppo_images:.2f} of PPO's).")
+    lines.append("")
+    for lr in args.learning_rates:
+        lines += sample_efficiency(runs, lr)
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
@@ -181,14 +210,15 @@ def write_outputs(args: argparse.Namespace, runs: list[dict], base: dict) -> Non
                 continue
             label = method if len(args.learning_rates) == 1 else f"{method} lr={lr:g}"
             images = [e["images"] for e in group[0]["epochs"]]
-            rewards = np.array([[e["reward_mean"] for e in r["epochs"]] for r in group])
+            rewards = np.array([trailing_mean([e["reward_mean"] for e in r["epochs"]], 3) for r in group])
             line, = ax_reward.plot(images, rewards.mean(0), label=label)
             ax_reward.fill_between(images, rewards.min(0), rewards.max(0), color=line.get_color(), alpha=0.15)
             eval_images = [0] + [e["images"] for e in group[0]["evals"]]
             accuracy = np.array([[base["overall"]] + [e["overall"] for e in r["evals"]] for r in group])
             ax_eval.errorbar(eval_images, accuracy.mean(0), yerr=accuracy.std(0), marker="o", capsize=3,
                              color=line.get_color(), label=label)
-    ax_reward.set(xlabel="sampled images", ylabel="mean training reward", title="training reward (band: min-max over seeds)")
+    ax_reward.set(xlabel="sampled images", ylabel="mean training reward (3-epoch trailing mean)",
+                  title="training reward (line: mean, band: min-max over seeds)")
     ax_eval.set(xlabel="sampled images", ylabel="held-out strict accuracy", title="held-out accuracy (mean, sd over seeds)")
     for ax in (ax_reward, ax_eval):
         ax.grid(alpha=0.3)

@@ -8,8 +8,10 @@ from the same testbed folder, against the same verifier, on the same training pr
 same images per epoch, steps, guidance, batch sizes, clip range and learning rate. loop-trl also
 runs a second time with its memory options on (gradient checkpointing, trajectories kept off the
 accelerator). The runs alternate per seed, each in its own process, so that both meet the same
-machine. Writes runs/*.json, table.md (median epoch time and peak memory, as ratios to TRL) and
-curves.png (training reward against sampled images).
+machine; after each seed the bare UNet calls are timed in both environments
+(trl_anchor/time_unet.py), to tell library versions apart from trainer overhead. Writes
+runs/*.json, table.md (median epoch time, its sampling and training parts and peak memory, as
+ratios to TRL) and curves.png (training reward against sampled images).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--anchor_python", default=os.path.join(HERE, ".venv-trl", "bin", "python"),
                         help="the interpreter of the anchor's environment (made by trl_anchor/setup_env.sh)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="what to run: TRL's trainer (always, it is the reference), loop-trl, loop-trl with its memory options")
     add_workload_arguments(parser, epochs=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range")
+    parser.add_argument("--unet_repeats", type=int, default=20, help="timed calls of each kind in time_unet.py")
     parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
     parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
     return parser.parse_args(argv)
@@ -68,6 +73,7 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int) -> dict:
         memory = ["--gradient_checkpointing", "--offload_trajectories"] if variant.endswith("_memory") else []
         subprocess.run([sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir", work, "--lora_rank", "4",
                         "--clip_range", str(args.clip_range), "--eval_every", str(args.epochs),
+                        "--gradient_accumulation_steps", "1", "--timestep_fraction", "1.0",  # DDPOConfig's defaults
                         "--eval_prompts_per_family", str(args.eval_prompts_per_family),
                         "--eval_images_per_prompt", str(args.eval_images_per_prompt), *shared_flags(args), *memory,
                         "--run_one", f"ppo:{seed}:{args.lr!r}"], check=True)
@@ -78,6 +84,21 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int) -> dict:
     with open(path, "w") as f:
         json.dump(result, f)
     return result
+
+
+def time_bare_unet(args: argparse.Namespace, side: str, seed: int) -> dict:
+    """trl_anchor/time_unet.py under one side's environment: the same UNet calls, nothing around them."""
+    path = os.path.join(args.output_dir, "runs", f"unet_{side}_seed{seed}.json")
+    if not os.path.exists(path):
+        python = args.anchor_python if side == "trl" else sys.executable
+        out = subprocess.run([python, os.path.join(HERE, "trl_anchor", "time_unet.py"), "--sample_batch_size",
+                              str(args.sample_batch_size), "--train_batch_size", str(args.train_batch_size),
+                              "--repeats", str(args.unet_repeats)],
+                             check=True, capture_output=True, text=True).stdout
+        with open(path, "w") as f:
+            f.write(out.strip().splitlines()[-1])
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluate_adapter(args: argparse.Namespace, adapter: str, images: int) -> dict:
@@ -95,14 +116,18 @@ def main(argv=None) -> None:
     if not os.path.exists(args.anchor_python):
         raise SystemExit(f"No anchor environment at {args.anchor_python}; run: bash benchmarks/trl_anchor/setup_env.sh")
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
-    runs = {v: [] for v in VARIANTS}
+    runs = {v: [] for v in VARIANTS if v == "trl_ddpo" or v in args.variants}
+    unet: dict[str, list[dict]] = {"trl": [], "loop_trl": []}
     for seed in args.seeds:
-        for variant in VARIANTS:
+        for variant in runs:
             print(f"seed {seed}: {variant}", flush=True)
             runs[variant].append(run_variant(args, variant, seed))
+        for side in unet:
+            unet[side].append(time_bare_unet(args, side, seed))
 
-    def median_epoch(results: list[dict]) -> float:  # the first epoch warms up and is left out when there are more
-        return float(np.median([e["wall_epoch_s"] for r in results for e in (r["epochs"][1:] or r["epochs"])]))
+    def median_epoch(results: list[dict], key: str = "wall_epoch_s") -> float:
+        """Median over runs and epochs; the first epoch warms up and is left out when there are more."""
+        return float(np.median([e.get(key, np.nan) for r in results for e in (r["epochs"][1:] or r["epochs"])]))
 
     anchor_time = median_epoch(runs["trl_ddpo"])
     anchor_memory = float(np.median([r["peak_memory_mb"] for r in runs["trl_ddpo"]]))
@@ -111,15 +136,26 @@ def main(argv=None) -> None:
              f"{versions.get('diffusers', '?')}, torch {versions.get('torch', '?')}). {len(args.seeds)} seeds x "
              f"{args.epochs} epochs x {args.images_per_epoch} images, {args.num_steps} steps, guidance {args.guidance}, "
              f"LoRA rank 4, lr {args.lr:g}, mixed precision {args.mixed_precision}.", "",
-             "| trainer | median epoch (s) | epoch time / TRL | peak memory (MB) | memory / TRL | reward, epoch 1 "
-             "| reward, last 3 epochs | held-out accuracy after |", "|" + " --- |" * 8]
+             "| trainer | median epoch (s) | epoch time / TRL | sampling (s) | training (s) | peak memory (MB) "
+             "| memory / TRL | reward, epoch 1 | reward, last 3 epochs | held-out accuracy after |", "|" + " --- |" * 10]
     for variant, results in runs.items():
         t, m = median_epoch(results), float(np.median([r["peak_memory_mb"] for r in results]))
+        parts = [median_epoch(results, f"time_{name}_s") for name in ("sampling", "training")]
         lines.append(
-            f"| {variant} | {t:.2f} | {t / anchor_time:.2f} | {m:.0f} | {m / anchor_memory:.2f} | "
+            f"| {variant} | {t:.2f} | {t / anchor_time:.2f} | {parts[0]:.2f} | {parts[1]:.2f} | {m:.0f} | {m / anchor_memory:.2f} | "
             f"{np.mean([r['epochs'][0]['reward_mean'] for r in results]):.3f} | "
             f"{np.mean([np.mean([e['reward_mean'] for e in r['epochs'][-3:]]) for r in results]):.3f} | "
             f"{np.mean([r['evals'][-1]['overall'] for r in results]):.3f} |")
+    bare = {side: {k: float(np.median([r[k] for r in results])) for k in ("sample_call_s", "train_call_s")}
+            for side, results in unet.items()}
+    lines += ["", "The same UNet calls alone in each environment (trl_anchor/time_unet.py, rank-4 LoRA, guided batch; "
+              "median over seeds):", "",
+              "| environment | diffusers | sampling call (s) | training call, forward + backward (s) |", "|" + " --- |" * 4]
+    for side, results in unet.items():
+        lines.append(f"| {side} | {results[0]['diffusers']} | {bare[side]['sample_call_s']:.3f} | "
+                     f"{bare[side]['train_call_s']:.3f} |")
+    lines.append(f"| loop_trl / trl | | {bare['loop_trl']['sample_call_s'] / bare['trl']['sample_call_s']:.2f} | "
+                 f"{bare['loop_trl']['train_call_s'] / bare['trl']['train_call_s']:.2f} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write(table)

@@ -15,7 +15,7 @@ TINY = ["--epochs", "1", "--images_per_epoch", "8", "--sample_batch_size", "8", 
         "--num_steps", "2", "--eval_prompts_per_family", "1", "--eval_images_per_prompt", "1"]
 
 sys.path.insert(0, BENCH)
-from compare_algorithms import METHODS, first_reaching  # noqa: E402
+from compare_algorithms import METHODS, first_reaching, trailing_mean  # noqa: E402
 
 
 def test_every_method_is_a_valid_config_with_what_it_promises():
@@ -33,19 +33,25 @@ def test_first_reaching():
     evals = [{"images": 32, "overall": 0.5}, {"images": 64, "overall": 0.7}, {"images": 96, "overall": 0.6}]
     assert first_reaching(evals, 0.6) == 64
     assert first_reaching(evals, 0.8) == float("inf")
+    assert first_reaching([{"images": 8, "reward": 0.2}, {"images": 16, "reward": 0.4}], 0.3, key="reward") == 16
+
+
+def test_trailing_mean():
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
 @pytest.mark.slow
 def test_compare_algorithms_tiny(tmp_path):
     run(os.path.join(BENCH, "compare_algorithms.py"), "--output_dir", "out", "--methods", "loop", "ppo", "--seeds", "0",
-        "--lora_rank", "2", "--eval_every", "1", *TINY, cwd=tmp_path)
+        "--lora_rank", "2", "--eval_every", "1", "--gradient_accumulation_steps", "1", *TINY, cwd=tmp_path)
     out = tmp_path / "out"
     assert {"runs.csv", "summary.csv", "table.md", "curves.png"} <= set(os.listdir(out))
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["loop", "ppo"]
     assert all(0.0 <= float(r["heldout_after"]) <= 1.0 and float(r["median_epoch_s"]) > 0 for r in rows)
-    assert "PPO's final held-out accuracy" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "held-out accuracy: PPO's final" in table and "training reward (3-epoch trailing mean over seeds)" in table
 
 
 @pytest.mark.slow
@@ -60,14 +66,27 @@ def test_profile_epoch_tiny(tmp_path):
     assert "| epoch |" in out.stdout
 
 
+def test_time_unet_runs_in_this_environment(tmp_path):
+    """compare_trl.py runs it in both environments; here, in loop-trl's, it must time both kinds of call."""
+    out = run(os.path.join(BENCH, "trl_anchor", "time_unet.py"), "--repeats", "1", "--sample_batch_size", "2",
+              "--train_batch_size", "2", cwd=tmp_path)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["sample_call_s"] > 0 and result["train_call_s"] > 0
+    import diffusers
+
+    assert result["diffusers"] == diffusers.__version__
+
+
 @pytest.mark.slow
 def test_compare_trl_tiny(tmp_path):
     if not os.path.exists(ANCHOR_PYTHON):
         if os.environ.get("LOOP_TRL_REQUIRE_ANCHOR"):
             pytest.fail(f"No anchor environment at {ANCHOR_PYTHON}: bash benchmarks/trl_anchor/setup_env.sh")
         pytest.skip("the TRL 0.23.1 anchor environment is not installed (bash benchmarks/trl_anchor/setup_env.sh)")
-    out = run(os.path.join(BENCH, "compare_trl.py"), "--output_dir", "trl", "--seeds", "0", *TINY, cwd=tmp_path)
-    assert "| trl_ddpo |" in out.stdout and "| loop_trl_ddpo_memory |" in out.stdout
+    out = run(os.path.join(BENCH, "compare_trl.py"), "--output_dir", "trl", "--seeds", "0", "--unet_repeats", "1",
+              *TINY, cwd=tmp_path)
+    assert "| trl_ddpo |" in out.stdout and "| loop_trl_ddpo_memory |" in out.stdout and "| loop_trl / trl |" in out.stdout
     anchor = json.loads((tmp_path / "trl" / "runs" / "trl_ddpo_seed0.json").read_text())
     assert anchor["versions"]["trl"] == "0.23.1"
+    assert all(e["time_sampling_s"] > 0 and e["time_training_s"] > 0 for e in anchor["epochs"])  # TRL's epoch, in parts
     assert 0.0 <= anchor["evals"][0]["overall"] <= 1.0  # TRL's adapter loaded into loop-trl and evaluated

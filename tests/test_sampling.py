@@ -80,3 +80,18 @@ def test_same_generator_seed_gives_same_samples(tiny_sd_path):
     b = policy.sample(["x"], generator=torch.Generator().manual_seed(5), **kwargs)
     c = policy.sample(["x"], generator=torch.Generator().manual_seed(6), **kwargs)
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
+
+
+def test_sampling_runs_the_unet_in_eval_mode(tiny_sd_path):
+    """A UNet with dropout, left in training mode by a training pass, still samples deterministically."""
+    from diffusers import UNet2DConditionModel
+
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path, use_lora=False)
+    unet = policy.pipeline.unet
+    policy.pipeline.unet = UNet2DConditionModel.from_config({**unet.config, "dropout": 0.5})
+    policy.pipeline.unet.load_state_dict(unet.state_dict())
+    policy.pipeline.unet.train()
+    kwargs = dict(num_steps=4, guidance_scale=1.0, eta=1.0)
+    a = policy.sample(["x"], generator=torch.Generator().manual_seed(5), **kwargs)
+    b = policy.sample(["x"], generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(a.latents, b.latents)

@@ -18,6 +18,7 @@ import os
 import resource
 import time
 import warnings
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -80,13 +81,31 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    # The parts of TRL's epoch, timed like loop-trl's trainer times its own: sampling (text encoding,
+    # UNet passes, DDIM steps, VAE decode), reward, and training (every inner epoch's passes and steps).
+    timers: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, method):
+        def wrapper(*a, **k):
+            started = clock()
+            out = method(*a, **k)
+            timers[name] += clock() - started
+            return out
+        return wrapper
+
+    trainer._generate_samples = timed("sampling", trainer._generate_samples)
+    trainer.compute_rewards = timed("reward", trainer.compute_rewards)
+    trainer._train_batched_samples = timed("training", trainer._train_batched_samples)
+
     epochs, global_step = [], 0
     for epoch in range(args.epochs):
         epoch_rewards.clear()
+        timers.clear()
         started = clock()
         global_step = trainer.step(epoch, global_step)
         epochs.append({"epoch": epoch + 1, "images": (epoch + 1) * args.images_per_epoch,
-                       "reward_mean": float(np.mean(epoch_rewards)), "wall_epoch_s": clock() - started})
+                       "reward_mean": float(np.mean(epoch_rewards)), "wall_epoch_s": clock() - started,
+                       **{f"time_{name}_s": seconds for name, seconds in timers.items()}})
         print(f"epoch {epoch}: reward {epochs[-1]['reward_mean']:.3f}, {epochs[-1]['wall_epoch_s']:.1f} s", flush=True)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -178,6 +178,7 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
         All noise comes from ``generator`` (a CPU generator), so a seed fixes the result on any device.
         """
         pipe, device = self.pipeline, self.device
+        pipe.unet.eval()  # the trainer puts it back in training mode for its passes
         prompts = list(prompts)
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             prompts, device, 1, guidance_scale > 1.0, [negative_prompt or ""] * len(prompts)
