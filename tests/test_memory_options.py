@@ -28,3 +28,19 @@ def test_epoch_reports_where_its_time_goes(tmp_path, tiny_sd_path):
     parts = [metrics[f"time_{name}_s"] for name in ("sampling", "reward", "training")]
     assert all(seconds > 0 for seconds in parts)
     assert sum(parts) <= metrics["time_epoch_s"]
+
+
+def test_smaller_minibatches_with_accumulation_give_the_same_update(tmp_path, tiny_sd_path):
+    """The chunking knob docs/benchmarks.md names: half the minibatch, twice the accumulation, same step.
+
+    Both trainers live in one process, so this also checks that the second one's accumulation count
+    (accelerate keeps it in a process-wide singleton) does not leak into the first.
+    """
+    whole = make_trainer(tmp_path / "whole", tiny_sd_path, train_batch_size=8, train_gradient_accumulation_steps=1)
+    halves = make_trainer(tmp_path / "halves", tiny_sd_path, train_batch_size=4, train_gradient_accumulation_steps=2)
+    before = lora_weights(whole)
+    steps = whole.step(0, 0), halves.step(0, 0)
+    assert steps == (1, 1)  # one optimizer step each
+    assert any(not torch.equal(before[n], p) for n, p in lora_weights(whole).items())
+    for name, weight in lora_weights(halves).items():
+        torch.testing.assert_close(weight, lora_weights(whole)[name], rtol=1e-5, atol=1e-6)

@@ -177,6 +177,9 @@ class LOOPTrainer:
         Returns the global optimizer-step count after the epoch.
         """
         config = self.config
+        # accelerate keeps the accumulation count in a process-wide singleton, so a second trainer
+        # made in this process (a notebook, a benchmark) would otherwise change this one's
+        self.accelerator.gradient_accumulation_steps = config.train_gradient_accumulation_steps * config.num_train_timesteps
         self._timers = defaultdict(float)
         started = self._clock()
         trajectories, prompt_image_data, valid = self._sample(epoch)
