@@ -101,12 +101,13 @@ class LOOPTrainer:
         if world_size > 1 and not torch.cuda.is_available():
             # several processes without GPUs: accelerate forms a CPU (gloo) group only when told to use the CPU
             accelerator_kwargs.setdefault("cpu", True)
+        # one optimizer step per train_gradient_accumulation_steps minibatches, all trained timesteps included
+        self._accumulation_steps = config.train_gradient_accumulation_steps * config.num_train_timesteps
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
             project_config=project_config,
-            # one optimizer step per train_gradient_accumulation_steps minibatches, all trained timesteps included
-            gradient_accumulation_steps=config.train_gradient_accumulation_steps * config.num_train_timesteps,
+            gradient_accumulation_steps=self._accumulation_steps,
             **accelerator_kwargs,
         )
         accelerator = self.accelerator
@@ -179,7 +180,7 @@ class LOOPTrainer:
         config = self.config
         # accelerate keeps the accumulation count in a process-wide singleton, so a second trainer
         # made in this process (a notebook, a benchmark) would otherwise change this one's
-        self.accelerator.gradient_accumulation_steps = config.train_gradient_accumulation_steps * config.num_train_timesteps
+        self.accelerator.gradient_accumulation_steps = self._accumulation_steps
         self._timers = defaultdict(float)
         started = self._clock()
         trajectories, prompt_image_data, valid = self._sample(epoch)
