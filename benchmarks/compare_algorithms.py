@@ -3,17 +3,21 @@ group normalisation, on the shapes testbed, with the same images per epoch for e
 
     python benchmarks/compare_algorithms.py --output_dir benchmarks/results/compare
     python benchmarks/compare_algorithms.py --output_dir benchmarks/results/lr_sweep \
-        --methods loop ppo --seeds 0 --learning_rates 1e-3 3e-3 1e-2
+        --methods loop ppo --seeds 0 --learning_rates 1e-3 2e-3 4e-3
 
-The defaults are the work docs/benchmarks.md reports: 16 epochs of 64 images, LoRA rank 8, lr 3e-3,
-two optimizer steps of 32 trajectories per epoch, half of each trajectory's steps trained.
+The defaults are examples/train_shapes.py's settings (binding prompts, no guidance, 64 images per
+epoch, 4 minibatches x 2 PPO passes, clip range 1e-3, the final two steps untrained, lr 2e-3) for
+24 epochs. PPO is DDPO's: one image per prompt, advantages from a per-prompt tracker whose
+min_count (--ppo_min_count) the run can reach; the table reports how often it engaged.
 
 Every (method, seed, learning rate) runs in its own process (so peak memory is its own) and writes
-runs/<name>.json; a finished run is not repeated when the command is run again. At the end the
-script writes runs.csv (one row per epoch and run), summary.csv, curves.png (training reward and
-held-out accuracy against sampled images, mean over seeds) and table.md, whose last lines say
-after how many images LOOP (mean over seeds) first reaches PPO's final held-out accuracy and
-PPO's final training reward.
+runs/<name>.json; a finished run is not repeated when the command is run again. Each run is
+evaluated by the trainer on a fixed set of training prompts with fixed noise (strict accuracy and
+its standard error) before training and every --eval_every epochs, and on held-out pairings at the
+end. The script writes runs.csv (one row per epoch and run), summary.csv, curves.png
+(training-prompt accuracy and training reward against sampled images, mean and spread over
+seeds) and table.md, whose last lines say after how many images LOOP (mean over seeds) first
+reaches PPO's final training-prompt accuracy.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from common import add_workload_arguments, clock, peak_memory_mb  # noqa: E402
 METHODS = {
     # advantage estimator, K, and what each method fixes of the PPO settings
     "loop": dict(advantage_estimator="loo", num_samples_per_prompt=4),
-    "ppo": dict(advantage_estimator="per_prompt_tracker", num_samples_per_prompt=1),
+    "ppo": dict(advantage_estimator="per_prompt_tracker", num_samples_per_prompt=1),  # + --ppo_min_count
     "reinforce": dict(advantage_estimator="batch_norm", num_samples_per_prompt=1, train_num_inner_epochs=1,
                       train_clip_range=float("inf")),
     "reinforce_loo": dict(advantage_estimator="loo", num_samples_per_prompt=4, train_num_inner_epochs=1,
@@ -48,17 +52,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="benchmarks/results/compare", help="where runs/, CSVs, the plot and the table go")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of each method")
-    parser.add_argument("--learning_rates", nargs="+", type=float, default=[3e-3], help="learning rates of each method")
-    add_workload_arguments(parser, epochs=16, images_per_epoch=64)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=2,
-                        help="training minibatches per optimizer step (64 images, batch 16, 2: two steps of 32 per epoch)")
-    parser.add_argument("--timestep_fraction", type=float, default=0.5, help="fraction of each trajectory's steps trained")
+    parser.add_argument("--learning_rates", nargs="+", type=float, default=[2e-3], help="learning rates of each method")
+    add_workload_arguments(parser, epochs=24, images_per_epoch=64)
+    parser.set_defaults(guidance=1.0)
+    parser.add_argument("--families", nargs="+", default=["binding"], help="prompt families trained and evaluated")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="training minibatches per optimizer step (64 images, batch 16, 1: four steps per pass)")
+    parser.add_argument("--timestep_stop", type=int, default=-2, help="LOOPConfig.train_timestep_stop")
+    parser.add_argument("--timestep_fraction", type=float, default=0.5, help="fraction of each trajectory's eligible steps trained")
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range (methods with clipping)")
-    parser.add_argument("--inner_epochs", type=int, default=1, help="PPO passes per epoch (methods with clipping)")
-    parser.add_argument("--eval_every", type=int, default=8, help="held-out evaluation every this many epochs (and at the end)")
-    parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
-    parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
+    parser.add_argument("--clip_range", type=float, default=1e-3, help="PPO clip range (methods with clipping)")
+    parser.add_argument("--inner_epochs", type=int, default=2, help="PPO passes per epoch (methods with clipping)")
+    parser.add_argument("--ppo_min_count", type=int, default=4,
+                        help="ppo: rewards a prompt needs before its own statistics are used (DDPO's default 16 is "
+                             "not reached when each prompt is drawn fewer times)")
+    parser.add_argument("--eval_every", type=int, default=8, help="training-prompt evaluation every this many epochs (and before and at the end)")
+    parser.add_argument("--eval_prompts", type=int, default=48, help="fixed training prompts evaluated (split over the families)")
+    parser.add_argument("--heldout_prompts", type=int, default=28, help="held-out prompts evaluated at the end")
+    parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per evaluated prompt")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="LOOPConfig.gradient_checkpointing")
     parser.add_argument("--offload_trajectories", action="store_true", help="LOOPConfig.offload_trajectories")
     parser.add_argument("--run_one", default=None, help=argparse.SUPPRESS)  # internal: method:seed:lr
@@ -69,44 +80,60 @@ def run_name(method: str, seed: int, lr: float) -> str:
     return f"{method}_seed{seed}_lr{lr:g}"
 
 
+def prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """(training prompts, fixed training prompts evaluated, held-out prompts evaluated)."""
+    from loop_trl.testbeds.shapes import heldout_prompts, train_eval_prompts, train_prompts
+
+    per_family = max(1, args.eval_prompts // len(args.families)), max(1, args.heldout_prompts // len(args.families))
+    chosen = lambda split: [p for f, prompts in split.items() if f in args.families for p in prompts]  # noqa: E731
+    return (train_prompts(args.families), chosen(train_eval_prompts(per_family[0])),
+            chosen(heldout_prompts(per_family=per_family[1], seed=0)))
+
+
 def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict:
     """Train one method from the shipped base model; return its per-epoch records and evaluations."""
     from loop_trl import LOOPConfig, LOOPTrainer
-    from loop_trl.testbeds.shapes import ShapesReward, evaluate, heldout_prompts, load_policy, train_prompts
+    from loop_trl.testbeds.shapes import ShapesReward, evaluate, load_policy
 
-    settings = dict(train_clip_range=args.clip_range, train_num_inner_epochs=args.inner_epochs)
+    settings = dict(train_clip_range=args.clip_range, train_num_inner_epochs=args.inner_epochs,
+                    per_prompt_stat_tracking_min_count=args.ppo_min_count)
     settings.update(METHODS[method])
     config = LOOPConfig(
         num_epochs=args.epochs, seed=seed, output_dir=os.path.join(args.output_dir, "work", run_name(method, seed, lr)),
         mixed_precision=args.mixed_precision, sample_num_steps=args.num_steps, sample_guidance_scale=args.guidance,
         sample_batch_size=args.sample_batch_size, sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch_size,
         train_batch_size=args.train_batch_size, train_gradient_accumulation_steps=args.gradient_accumulation_steps,
-        train_timestep_fraction=args.timestep_fraction, train_learning_rate=lr, save_freq=10**9,
+        train_timestep_stop=args.timestep_stop, train_timestep_fraction=args.timestep_fraction, train_learning_rate=lr,
+        save_freq=10**9, eval_freq=args.eval_every, eval_seed=1, eval_num_images_per_prompt=args.eval_images_per_prompt,
         gradient_checkpointing=args.gradient_checkpointing, offload_trajectories=args.offload_trajectories, **settings)
-    held_out = heldout_prompts(per_family=args.eval_prompts_per_family, seed=0)
-    trainer = LOOPTrainer(config, ShapesReward(), train_prompts(), load_policy(lora_rank=args.lora_rank))
-    epochs, evals = [], []
-    for epoch in range(args.epochs):
-        started = clock(trainer.accelerator.device)
-        trainer.global_step = trainer.step(epoch, trainer.global_step)
-        m = trainer.last_metrics
-        epochs.append({"epoch": epoch + 1, "images": (epoch + 1) * args.images_per_epoch, "reward_mean": m["reward_mean"],
-                       "wall_epoch_s": clock(trainer.accelerator.device) - started, **{k: m[k] for k in m if k.startswith("time_")}})
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            accuracy = evaluate(trainer.policy, held_out, args.eval_images_per_prompt, seed=1,
-                                num_steps=args.num_steps, guidance_scale=args.guidance)
-            evals.append({"images": (epoch + 1) * args.images_per_epoch, **accuracy})
-    return {"method": method, "seed": seed, "lr": lr, "epochs": epochs, "evals": evals, "peak_memory_mb": peak_memory_mb()}
+    training, evaluated, held_out = prompt_sets(args)
+    trainer = LOOPTrainer(config, ShapesReward(), training, load_policy(lora_rank=args.lora_rank, lora_seed=seed),
+                          eval_prompts=evaluated)
+    epochs = []
+    trainer.train()
+    for m in trainer.log_history:
+        if "reward_mean" in m:
+            epochs.append({"epoch": m["epoch"] + 1, "images": (m["epoch"] + 1) * args.images_per_epoch,
+                           "reward_mean": m["reward_mean"], "tracker_engaged_fraction": m.get("tracker_engaged_fraction"),
+                           **{k: m[k] for k in m if k.startswith("time_")}})
+    evals = [{"images": m["eval/epochs_completed"] * args.images_per_epoch, "strict": m["eval/strict_mean"],
+              "strict_sem": m["eval/strict_sem"], "score": m["eval/reward_mean"]}
+             for m in trainer.log_history if "eval/strict_mean" in m]
+    heldout = evaluate(trainer.policy, held_out, args.eval_images_per_prompt, seed=1, num_steps=args.num_steps,
+                       guidance_scale=args.guidance)
+    return {"method": method, "seed": seed, "lr": lr, "epochs": epochs, "evals": evals, "heldout": heldout,
+            "peak_memory_mb": peak_memory_mb()}
 
 
 def base_accuracy(args: argparse.Namespace) -> dict:
-    from loop_trl.testbeds.shapes import evaluate, heldout_prompts, load_policy
+    from loop_trl.testbeds.shapes import evaluate, load_policy
 
-    return evaluate(load_policy(lora_rank=args.lora_rank), heldout_prompts(per_family=args.eval_prompts_per_family, seed=0),
-                    args.eval_images_per_prompt, seed=1, num_steps=args.num_steps, guidance_scale=args.guidance)
+    _, _, held_out = prompt_sets(args)
+    return evaluate(load_policy(lora_rank=args.lora_rank), held_out, args.eval_images_per_prompt, seed=1,
+                    num_steps=args.num_steps, guidance_scale=args.guidance)
 
 
-def first_reaching(points: list[dict], level: float, key: str = "overall") -> float:
+def first_reaching(points: list[dict], level: float, key: str = "strict") -> float:
     """Sampled images at the first point whose ``key`` reaches ``level`` (inf if none)."""
     return next((p["images"] for p in points if p[key] >= level - 1e-9), float("inf"))
 
@@ -116,30 +143,24 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
     return [float(np.mean(values[max(0, i + 1 - window):i + 1])) for i in range(len(values))]
 
 
-def sample_efficiency(runs: list[dict], lr: float, window: int = 3) -> list[str]:
-    """How many images LOOP (mean over seeds) needs to reach PPO's final level, held-out and training reward."""
+def mean_curve(group: list[dict], key: str) -> list[dict]:
+    """The evaluations of several seeds averaged point by point: images, mean and sd over seeds."""
+    return [{"images": points[0]["images"], key: float(np.mean([p[key] for p in points])),
+             "sd": float(np.std([p[key] for p in points]))} for points in zip(*[r["evals"] for r in group])]
+
+
+def sample_efficiency(runs: list[dict], lr: float) -> list[str]:
+    """How many images LOOP (mean over seeds) needs to reach PPO's final training-prompt accuracy."""
     loop = [r for r in runs if r["method"] == "loop" and r["lr"] == lr]
     ppo = [r for r in runs if r["method"] == "ppo" and r["lr"] == lr]
     if not loop or not ppo:
         return []
     ppo_images = ppo[0]["epochs"][-1]["images"]
-    lines = []
-    ppo_final = float(np.mean([r["evals"][-1]["overall"] for r in ppo]))
-    loop_evals = [{"images": e[0]["images"], "overall": float(np.mean([x["overall"] for x in e]))}
-                  for e in zip(*[r["evals"] for r in loop])]
-    reached = first_reaching(loop_evals, ppo_final)
-    lines.append(f"lr {lr:g}, held-out accuracy: PPO's final {ppo_final:.3f} after {ppo_images} images; LOOP (mean over "
-                 f"seeds) first reaches it after {reached} images ({reached / ppo_images:.2f} of PPO's).")
-    def mean_reward(group: list[dict]) -> list[float]:
-        return np.mean([[e["reward_mean"] for e in r["epochs"]] for r in group], axis=0).tolist()
-
-    ppo_reward = trailing_mean(mean_reward(ppo), window)[-1]
-    loop_curve = [{"images": e["images"], "reward": v}
-                  for e, v in zip(loop[0]["epochs"], trailing_mean(mean_reward(loop), window))]
-    reached = first_reaching(loop_curve, ppo_reward, key="reward")
-    lines.append(f"lr {lr:g}, training reward ({window}-epoch trailing mean over seeds): PPO's final {ppo_reward:.3f} after "
-                 f"{ppo_images} images; LOOP first reaches it after {reached} images ({reached / ppo_images:.2f} of PPO's).")
-    return lines
+    ppo_final = mean_curve(ppo, "strict")[-1]["strict"]
+    reached = first_reaching(mean_curve(loop, "strict"), ppo_final, key="strict")
+    return [f"lr {lr:g}, fixed training prompts: PPO's final strict accuracy {ppo_final:.3f} after {ppo_images} images; "
+            f"LOOP (mean over seeds) first reaches it after {reached} images ({reached / ppo_images:.2f} of PPO's; "
+            f"target <= 0.5, at the evaluation points every {loop[0]['evals'][1]['images'] - loop[0]['evals'][0]['images']} images)."]
 
 
 def summarise(args: argparse.Namespace, runs: list[dict], base: dict) -> list[dict]:
@@ -149,17 +170,20 @@ def summarise(args: argparse.Namespace, runs: list[dict], base: dict) -> list[di
             group = [r for r in runs if r["method"] == method and r["lr"] == lr]
             if not group:
                 continue
-            final = [r["evals"][-1] for r in group]
-            epoch_times = [e["time_epoch_s"] for r in group for e in r["epochs"][1:] or r["epochs"]]
+            curve = mean_curve(group, "strict")
+            engaged = [e["tracker_engaged_fraction"] for r in group for e in r["epochs"] if e.get("tracker_engaged_fraction") is not None]
             rows.append({
                 "method": method, "lr": lr, "seeds": len(group),
-                "reward_first_3_epochs": np.mean([np.mean([e["reward_mean"] for e in r["epochs"][:3]]) for r in group]),
-                "reward_last_3_epochs": np.mean([np.mean([e["reward_mean"] for e in r["epochs"][-3:]]) for r in group]),
+                "train_prompts_before": curve[0]["strict"],
+                "train_prompts_after": curve[-1]["strict"], "train_prompts_after_sd": curve[-1]["sd"],
+                "train_prompts_after_sem": float(np.mean([r["evals"][-1]["strict_sem"] for r in group])),
+                "score_before": float(np.mean([r["evals"][0]["score"] for r in group])),
+                "score_after": float(np.mean([r["evals"][-1]["score"] for r in group])),
                 "heldout_before": base["overall"],
-                "heldout_after": np.mean([f["overall"] for f in final]),
-                "heldout_after_sd": np.std([f["overall"] for f in final]),
-                **{f"heldout_{family}": np.mean([f[family] for f in final]) for family in ("single", "binding", "counting", "spatial")},
-                "median_epoch_s": float(np.median(epoch_times)),
+                "heldout_after": float(np.mean([r["heldout"]["overall"] for r in group])),
+                "heldout_after_sd": float(np.std([r["heldout"]["overall"] for r in group])),
+                "tracker_engaged": float(np.mean(engaged)) if engaged else float("nan"),
+                "median_epoch_s": float(np.median([e["time_epoch_s"] for r in group for e in r["epochs"][1:] or r["epochs"]])),
                 "peak_memory_mb": float(np.median([r["peak_memory_mb"] for r in group])),
                 "images": group[0]["epochs"][-1]["images"],
             })
@@ -170,9 +194,9 @@ def write_outputs(args: argparse.Namespace, runs: list[dict], base: dict) -> Non
     out = args.output_dir
     with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "lr", "epoch", "images", "reward_mean", "time_epoch_s", "heldout_overall"])
+        writer.writerow(["method", "seed", "lr", "epoch", "images", "reward_mean", "time_epoch_s", "train_prompts_strict"])
         for r in runs:
-            accuracy = {e["images"]: e["overall"] for e in r["evals"]}
+            accuracy = {e["images"]: e["strict"] for e in r["evals"]}
             for e in r["epochs"]:
                 writer.writerow([r["method"], r["seed"], r["lr"], e["epoch"], e["images"], f"{e['reward_mean']:.5f}",
                                  f"{e['time_epoch_s']:.3f}", accuracy.get(e["images"], "")])
@@ -182,13 +206,16 @@ def write_outputs(args: argparse.Namespace, runs: list[dict], base: dict) -> Non
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["| method | lr | seeds | reward, first 3 epochs | reward, last 3 epochs | held-out before | held-out after (sd) "
-             "| binding | counting | spatial | median epoch (s) | peak memory (MB) |", "|" + " --- |" * 12]
+    lines = ["| method | lr | seeds | training prompts: strict before | after (sd over seeds; s.e. of one run) | score before "
+             "-> after | held-out before | held-out after (sd) | tracker engaged | median epoch (s) | peak memory (MB) |",
+             "|" + " --- |" * 11]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seeds']} | {r['reward_first_3_epochs']:.3f} | "
-                     f"{r['reward_last_3_epochs']:.3f} | {r['heldout_before']:.3f} | {r['heldout_after']:.3f} "
-                     f"({r['heldout_after_sd']:.3f}) | {r['heldout_binding']:.2f} | {r['heldout_counting']:.2f} | "
-                     f"{r['heldout_spatial']:.2f} | {r['median_epoch_s']:.1f} | {r['peak_memory_mb']:.0f} |")
+        engaged = "" if np.isnan(r["tracker_engaged"]) else f"{r['tracker_engaged']:.2f}"
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seeds']} | {r['train_prompts_before']:.3f} | "
+                     f"{r['train_prompts_after']:.3f} ({r['train_prompts_after_sd']:.3f}; {r['train_prompts_after_sem']:.3f}) | "
+                     f"{r['score_before']:.3f} -> {r['score_after']:.3f} | {r['heldout_before']:.3f} | "
+                     f"{r['heldout_after']:.3f} ({r['heldout_after_sd']:.3f}) | {engaged} | {r['median_epoch_s']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} |")
     lines.append("")
     for lr in args.learning_rates:
         lines += sample_efficiency(runs, lr)
@@ -202,25 +229,27 @@ def write_outputs(args: argparse.Namespace, runs: list[dict], base: dict) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_reward, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_eval, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
     for method in args.methods:
         for lr in args.learning_rates:
             group = [r for r in runs if r["method"] == method and r["lr"] == lr]
             if not group:
                 continue
             label = method if len(args.learning_rates) == 1 else f"{method} lr={lr:g}"
-            images = [e["images"] for e in group[0]["epochs"]]
+            curve = mean_curve(group, "strict")
+            images = np.array([p["images"] for p in curve])
+            mean, sd = np.array([p["strict"] for p in curve]), np.array([p["sd"] for p in curve])
+            line, = ax_eval.plot(images, mean, marker="o", label=label)
+            ax_eval.fill_between(images, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+            epochs = [e["images"] for e in group[0]["epochs"]]
             rewards = np.array([trailing_mean([e["reward_mean"] for e in r["epochs"]], 3) for r in group])
-            line, = ax_reward.plot(images, rewards.mean(0), label=label)
-            ax_reward.fill_between(images, rewards.min(0), rewards.max(0), color=line.get_color(), alpha=0.15)
-            eval_images = [0] + [e["images"] for e in group[0]["evals"]]
-            accuracy = np.array([[base["overall"]] + [e["overall"] for e in r["evals"]] for r in group])
-            ax_eval.errorbar(eval_images, accuracy.mean(0), yerr=accuracy.std(0), marker="o", capsize=3,
-                             color=line.get_color(), label=label)
+            ax_reward.plot(epochs, rewards.mean(0), color=line.get_color(), label=label)
+            ax_reward.fill_between(epochs, rewards.min(0), rewards.max(0), color=line.get_color(), alpha=0.15)
+    ax_eval.set(xlabel="sampled images", ylabel="strict accuracy",
+                title="fixed training prompts, fixed noise (mean +- sd over seeds)")
     ax_reward.set(xlabel="sampled images", ylabel="mean training reward (3-epoch trailing mean)",
-                  title="training reward (line: mean, band: min-max over seeds)")
-    ax_eval.set(xlabel="sampled images", ylabel="held-out strict accuracy", title="held-out accuracy (mean, sd over seeds)")
-    for ax in (ax_reward, ax_eval):
+                  title="training reward (band: min-max over seeds)")
+    for ax in (ax_eval, ax_reward):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -77,9 +77,13 @@ def test_per_prompt_tracker_uses_batch_stats_then_prompt_stats():
     # first call: each prompt has one reward, below min_count -> batch mean 2, std 1
     adv = tracker.update(prompts, torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
+    assert tracker.last_tracked_fraction == 0.0  # not engaged: batch statistics
     # second call: buffers a=[1, 2], b=[3, 7] -> per-prompt stats
     adv = tracker.update(prompts, torch.tensor([2.0, 7.0]))
     torch.testing.assert_close(adv, torch.tensor([(2 - 1.5) / 0.5, (7 - 5) / 2.0]), atol=1e-4, rtol=0)
+    assert tracker.last_tracked_fraction == 1.0
+    tracker.update(["a", "c"], torch.tensor([1.0, 2.0]))  # "c" is new: half the rewards use per-prompt statistics
+    assert tracker.last_tracked_fraction == 0.5
     restored = PerPromptStatTracker()
     restored.load_state_dict(tracker.state_dict())
     assert restored.state_dict() == tracker.state_dict()

@@ -30,7 +30,7 @@ def test_every_method_is_a_valid_config_with_what_it_promises():
 
 
 def test_first_reaching():
-    evals = [{"images": 32, "overall": 0.5}, {"images": 64, "overall": 0.7}, {"images": 96, "overall": 0.6}]
+    evals = [{"images": 32, "strict": 0.5}, {"images": 64, "strict": 0.7}, {"images": 96, "strict": 0.6}]
     assert first_reaching(evals, 0.6) == 64
     assert first_reaching(evals, 0.8) == float("inf")
     assert first_reaching([{"images": 8, "reward": 0.2}, {"images": 16, "reward": 0.4}], 0.3, key="reward") == 16
@@ -43,15 +43,18 @@ def test_trailing_mean():
 @pytest.mark.slow
 def test_compare_algorithms_tiny(tmp_path):
     run(os.path.join(BENCH, "compare_algorithms.py"), "--output_dir", "out", "--methods", "loop", "ppo", "--seeds", "0",
-        "--lora_rank", "2", "--eval_every", "1", "--gradient_accumulation_steps", "1", *TINY, cwd=tmp_path)
+        "--lora_rank", "2", "--eval_every", "1", "--eval_prompts", "2", "--heldout_prompts", "2",
+        *TINY[:10], "--eval_images_per_prompt", "2", cwd=tmp_path)  # TINY's workload, without its held-out flags
     out = tmp_path / "out"
     assert {"runs.csv", "summary.csv", "table.md", "curves.png"} <= set(os.listdir(out))
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["loop", "ppo"]
     assert all(0.0 <= float(r["heldout_after"]) <= 1.0 and float(r["median_epoch_s"]) > 0 for r in rows)
+    assert all(0.0 <= float(r["train_prompts_after"]) <= 1.0 for r in rows)
+    assert rows[0]["tracker_engaged"] == "nan" and 0.0 <= float(rows[1]["tracker_engaged"]) <= 1.0  # ppo reports it
     table = (out / "table.md").read_text()
-    assert "held-out accuracy: PPO's final" in table and "training reward (3-epoch trailing mean over seeds)" in table
+    assert "fixed training prompts: PPO's final strict accuracy" in table
 
 
 @pytest.mark.slow

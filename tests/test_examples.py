@@ -54,13 +54,25 @@ def test_config_reference_is_up_to_date():
 
 @pytest.mark.slow
 def test_train_shapes_example_writes_its_outputs(tmp_path):
-    run(os.path.join(ROOT, "examples", "train_shapes.py"), "--num_epochs", "2", "--save_freq", "2",
-        "--sample_num_batches_per_epoch", "1", "--train_gradient_accumulation_steps", "1", "--eval_prompts_per_family", "1", "--eval_images_per_prompt", "1",
+    run(os.path.join(ROOT, "examples", "train_shapes.py"), "--num_epochs", "2", "--save_freq", "2", "--eval_freq", "1",
+        "--sample_num_batches_per_epoch", "1", "--families", "binding,spatial", "--num_train_eval_prompts", "2",
+        "--eval_num_images_per_prompt", "2", "--num_heldout_prompts", "2", "--heldout_images_per_prompt", "1",
+        "--base_guidance_scales", "3",
         "--grid_prompts", "2", "--output_dir", "shapes-run", cwd=tmp_path)
     out = tmp_path / "shapes-run"
-    assert {"reward_curve.png", "before_after.png", "metrics.json", "pytorch_lora_weights.safetensors",
+    assert {"learning_curve.png", "before_after.png", "metrics.json", "pytorch_lora_weights.safetensors",
             "README.md"} <= set(os.listdir(out))
     import json
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["reward_curve"]) == 2 and set(metrics["before"]) == set(metrics["after"])
+    evals = [h for h in metrics["history"] if "eval/strict_mean" in h]
+    assert [h["eval/epochs_completed"] for h in evals] == [0, 1, 2]  # before training, then every epoch
+    assert metrics["train_prompts_before"]["eval/num_images"] == 4  # 2 families x 1 prompt x 2 images
+    assert set(metrics["heldout_before"]) == set(metrics["heldout_after"])
+    assert set(metrics["base_at_other_guidance"]) == {"3.0"}
+    pipe = metrics["diffusers_pipeline"]
+    assert pipe["settings"]["scheduler"] == "DDIMScheduler" and {"base", "trained"} <= set(pipe)
+    card = (out / "README.md").read_text()
+    assert "from loop_trl.testbeds.shapes import load_pipeline" in card  # loadable anywhere, not this machine's path
+    assert "num_inference_steps=10, guidance_scale=1.0, eta=1.0" in card  # the run's sampler settings
+    assert "other 3 images" in card and str(tmp_path) not in card

@@ -30,17 +30,39 @@ def test_epoch_reports_where_its_time_goes(tmp_path, tiny_sd_path):
     assert sum(parts) <= metrics["time_epoch_s"]
 
 
+def capture_gradients(trainer) -> list[dict]:
+    """Record the accumulated gradients each time the trainer is about to take an optimizer step."""
+    captured, step = [], trainer._optimizer_step
+
+    def recording_step():
+        captured.append({n: p.grad.detach().clone() for n, p in trainer.policy.unet.named_parameters() if p.requires_grad})
+        step()
+
+    trainer._optimizer_step = recording_step
+    return captured
+
+
 def test_smaller_minibatches_with_accumulation_give_the_same_update(tmp_path, tiny_sd_path):
     """The chunking knob docs/benchmarks.md names: half the minibatch, twice the accumulation, same step.
+
+    What is the same is the accumulated gradient the optimizer receives; it is compared directly.
+    (Comparing weights after one AdamW step is not exact in intent: Adam's first step divides each
+    element by its own gradient's magnitude, so a float-summation difference of 1e-9 in a tiny
+    element can become a visible difference of the update.)
 
     Both trainers live in one process, so this also checks that the second one's accumulation count
     (accelerate keeps it in a process-wide singleton) does not leak into the first.
     """
     whole = make_trainer(tmp_path / "whole", tiny_sd_path, train_batch_size=8, train_gradient_accumulation_steps=1)
     halves = make_trainer(tmp_path / "halves", tiny_sd_path, train_batch_size=4, train_gradient_accumulation_steps=2)
+    grads_whole, grads_halves = capture_gradients(whole), capture_gradients(halves)
     before = lora_weights(whole)
     steps = whole.step(0, 0), halves.step(0, 0)
     assert steps == (1, 1)  # one optimizer step each
+    assert len(grads_whole) == len(grads_halves) == 1
     assert any(not torch.equal(before[n], p) for n, p in lora_weights(whole).items())
-    for name, weight in lora_weights(halves).items():
-        torch.testing.assert_close(weight, lora_weights(whole)[name], rtol=1e-5, atol=1e-6)
+    (g_whole,), (g_halves,) = grads_whole, grads_halves
+    assert any(bool(g.abs().max() > 0) for g in g_whole.values())  # a real gradient, not all zeros
+    scale = max(float(g.abs().max()) for g in g_whole.values())
+    for name, grad in g_halves.items():  # equal up to float32 summation order
+        torch.testing.assert_close(grad, g_whole[name], rtol=1e-4, atol=1e-5 * scale)

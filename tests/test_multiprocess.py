@@ -41,6 +41,22 @@ def test_two_processes_keep_groups_whole_and_weights_in_sync(two_process_run):
 
 
 @pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(two_process_run, tiny_sd_path):
+    """Both ranks report the metrics of all 12 images, the same ones a single process gets from the saved adapter."""
+    from loop_trl import LOOPStableDiffusionPipeline
+    from loop_trl.evaluation import sample_and_score, summarize
+    from loop_trl.rewards import JpegCompressibility
+
+    out, reports = two_process_run
+    assert reports[0]["eval"] == reports[1]["eval"] and reports[0]["eval"]["num_images"] == 12
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path, adapter=str(out))
+    alone = summarize(sample_and_score(policy, JpegCompressibility(), ["a red circle", "a blue square", "two green triangles",
+                                                                       "a cat"], images_per_prompt=3, seed=0, num_steps=3,
+                                       guidance_scale=2.0, eta=1.0, batch_size=8))
+    assert reports[0]["eval"]["reward_mean"] == pytest.approx(alone["reward_mean"], abs=0.01)
+
+
+@pytest.mark.slow
 def test_two_process_run_resumes_exactly(tmp_path, tiny_sd_path, two_process_run):
     straight, _ = two_process_run
     first = launch_two(tiny_sd_path, tmp_path, "first")

@@ -52,3 +52,32 @@ def test_loss_value_matches_formula():
     expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
     torch.testing.assert_close(out.loss, expected)
     assert out.clipfrac.item() == 0.5
+
+
+def test_weights_scale_each_samples_term():
+    log_prob = torch.zeros(2, requires_grad=True)
+    out = clipped_surrogate(log_prob, torch.zeros(2), torch.tensor([1.0, 1.0]), 0.2, weights=torch.tensor([2.0, 0.0]))
+    out.loss.backward()
+    assert out.loss.item() == -1.0  # mean of (-1 * 2, -1 * 0)
+    assert log_prob.grad.tolist() == [-1.0, 0.0]  # the zero-weight sample gets no gradient
+
+
+def test_clip_range_scales_with_the_square_root_of_the_latent_size():
+    from loop_trl.objective import scaled_clip_range
+
+    assert scaled_clip_range(1e-4, (4, 64, 64)) == 1e-4
+    assert math.isclose(scaled_clip_range(1e-4, (4, 16, 16)), 4e-4)  # 16x fewer entries: 4x the range
+    assert math.isclose(scaled_clip_range(1e-4, (16, 128, 128)), 2.5e-5)  # SD3-size latents: a quarter
+    # the rule holds for the log-prob as computed: the same per-entry shift of the mean moves the
+    # mean log-ratio sqrt(D_ref / D) times more on D entries than on D_ref
+    from loop_trl.sampling import gaussian_log_prob
+
+    def log_ratio_size(shape):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn((256, *shape), generator=generator)
+        shift = 0.01 * torch.randn((256, *shape), generator=generator)
+        std = torch.ones(())
+        return (gaussian_log_prob(x, shift, std) - gaussian_log_prob(x, torch.zeros(()), std)).abs().mean().item()
+
+    measured = log_ratio_size((4, 16, 16)) / log_ratio_size((4, 64, 64))
+    assert 3.4 < measured < 4.6, measured

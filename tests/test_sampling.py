@@ -95,3 +95,15 @@ def test_sampling_runs_the_unet_in_eval_mode(tiny_sd_path):
     a = policy.sample(["x"], generator=torch.Generator().manual_seed(5), **kwargs)
     b = policy.sample(["x"], generator=torch.Generator().manual_seed(5), **kwargs)
     assert torch.equal(a.latents, b.latents)
+
+
+def test_step_std_is_diffusers_variance_and_shrinks_to_the_end():
+    from loop_trl.sampling import ddim_step_std
+
+    scheduler = _scheduler("epsilon")
+    stds = ddim_step_std(scheduler, scheduler.timesteps, eta=1.0)
+    for t, std in zip(scheduler.timesteps, stds):
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        torch.testing.assert_close(std, scheduler._get_variance(t, prev_t).sqrt().float())
+    assert stds[-1] < stds[-2] < 0.2 * stds[-3]  # the final two steps are nearly deterministic (0.02, 0.04 vs 0.26)
+    torch.testing.assert_close(ddim_step_std(scheduler, scheduler.timesteps, eta=0.5), 0.5 * stds)

@@ -3,13 +3,13 @@
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from loop_trl import LOOPConfig, LOOPTrainer
-from loop_trl.testbeds.shapes import MODEL_DIR, ShapesReward, all_prompts, evaluate, load_pipeline, load_policy, train_prompts
+from loop_trl.testbeds.shapes import (MODEL_DIR, ShapesReward, all_prompts, evaluate, load_pipeline, load_policy,
+                                      train_eval_prompts)
 
 # Measured by `python -m loop_trl.testbeds.shapes.report` (docs/shapes.md): SINGLE_MEASURED on
 # 8 images of each of the 18 single-object prompts at 20 DDIM steps, guidance 5.
@@ -35,36 +35,40 @@ def test_single_object_accuracy_matches_the_docs():
     assert result["single"] >= SINGLE_MEASURED - TOLERANCE, result
 
 
-# Four training prompts of the harder families, and the settings of a short run on them.
-LEARN_PROMPTS = ["a red circle to the left of a blue triangle", "three purple squares",
-                 "a cyan triangle and a yellow square", "two red squares"]
+# The first LEARN_EPOCHS epochs of `python examples/train_shapes.py` (its defaults, seed 0): LOOP on
+# 48 binding training prompts, scored by the trainer's fixed-noise evaluation of those prompts
+# (4 images each, eval_seed 1) before and after. Measured (docs/shapes.md): the mean verifier score
+# rose by +0.135 (seed 0), +0.081 (seed 1), +0.065 (seed 2) after 8 epochs: mean 0.094, standard
+# deviation over training seeds 0.037. One standard error of the 192-image score is 0.024 (the
+# evaluation noise). The margin asserted is about 3 of those standard errors and 2 standard
+# deviations over seeds; seed 0's measured gain is 5.6 standard errors.
 LEARN_EPOCHS = 8
-# Measured with these seeds (docs/shapes.md): the mean verifier score of 64 fixed-seed images of
-# LEARN_PROMPTS rose from 0.615 to 0.664 after LEARN_EPOCHS epochs; we require 40% of that rise.
-LEARN_MARGIN = 0.02
+LEARN_MARGIN = 0.07
 
 
-def _fixed_seed_score(policy) -> float:
-    prompts = [p for p in LEARN_PROMPTS for _ in range(16)]
-    images = policy.sample(prompts, num_steps=10, guidance_scale=4.0, eta=1.0,
-                           generator=torch.Generator().manual_seed(123)).images
-    return float(ShapesReward()(images, prompts, [{}] * len(prompts))[0].mean())
+def example_config(tmp_path, **overrides) -> LOOPConfig:
+    """examples/train_shapes.py's defaults (kept in step by test_examples' smoke run of the script)."""
+    settings = dict(num_epochs=24, seed=0, output_dir=str(tmp_path / "run"), mixed_precision="no", save_freq=10**6,
+                    sample_num_steps=10, sample_guidance_scale=1.0, num_samples_per_prompt=4, sample_batch_size=16,
+                    sample_num_batches_per_epoch=4, train_batch_size=16, train_gradient_accumulation_steps=1,
+                    train_num_inner_epochs=2, train_learning_rate=2e-3, train_clip_range=1e-3, train_timestep_stop=-2,
+                    train_timestep_fraction=0.5, eval_seed=1, eval_num_images_per_prompt=4, eval_batch_size=48)
+    return LOOPConfig(**{**settings, **overrides})
 
 
 @pytest.mark.slow
-def test_short_loop_run_raises_the_training_reward(tmp_path):
-    policy = load_policy(lora_rank=8)
-    before = _fixed_seed_score(policy)
-    config = LOOPConfig(num_epochs=LEARN_EPOCHS, seed=0, output_dir=str(tmp_path / "run"), mixed_precision="no",
-                        sample_num_steps=10, sample_guidance_scale=4.0, num_samples_per_prompt=4, sample_batch_size=16,
-                        sample_num_batches_per_epoch=4, train_batch_size=64, train_learning_rate=3e-3,
-                        train_timestep_fraction=0.5, save_freq=10**6)
-    trainer = LOOPTrainer(config, ShapesReward(), LEARN_PROMPTS, policy)
-    for epoch in range(LEARN_EPOCHS):
-        trainer.global_step = trainer.step(epoch, trainer.global_step)
-    after = _fixed_seed_score(policy)
-    print(f"fixed-seed score of the training prompts: {before:.4f} -> {after:.4f}")
-    assert after - before > LEARN_MARGIN, (before, after)
+def test_first_epochs_of_the_example_raise_a_fixed_noise_score(tmp_path):
+    prompts = train_eval_prompts(48)["binding"]  # the example's 48 binding prompts
+    trainer = LOOPTrainer(example_config(tmp_path), ShapesReward(), prompts, load_policy(lora_rank=8, lora_seed=0),
+                          eval_prompts=prompts)
+    before = trainer.evaluate(log=False)
+    trainer.train(epochs=LEARN_EPOCHS)
+    after = trainer.evaluate(log=False)
+    gain = after["reward_mean"] - before["reward_mean"]
+    print(f"fixed-noise score: {before['reward_mean']:.4f} -> {after['reward_mean']:.4f}; strict "
+          f"{before['strict_mean']:.3f} -> {after['strict_mean']:.3f}")
+    assert gain > LEARN_MARGIN, (before, after)
+    assert after["strict_mean"] > before["strict_mean"]
 
 
 def test_tokenizer_also_ships_the_files_transformers_4_needs(tmp_path):

@@ -21,9 +21,10 @@ def small_config(tmp_path, **overrides) -> LOOPConfig:
     return LOOPConfig(**kwargs)
 
 
-def make_trainer(tmp_path, sd_path, reward=None, prompts=PROMPTS, **overrides) -> LOOPTrainer:
+def make_trainer(tmp_path, sd_path, reward=None, prompts=PROMPTS, eval_prompts=None, **overrides) -> LOOPTrainer:
     policy = LOOPStableDiffusionPipeline.from_pretrained(sd_path)
-    return LOOPTrainer(small_config(tmp_path, **overrides), reward or JpegCompressibility(), prompts, policy)
+    return LOOPTrainer(small_config(tmp_path, **overrides), reward or JpegCompressibility(), prompts, policy,
+                       eval_prompts=eval_prompts)
 
 
 def lora_weights(trainer) -> dict:
@@ -43,7 +44,7 @@ def test_epoch_keeps_groups_whole_and_is_on_policy(tmp_path, tiny_sd_path):
     assert step == 2  # 8 samples / train_batch_size 4, one optimizer step per minibatch
     (prompts,) = seen
     assert all(len(set(prompts[i:i + 4])) == 1 for i in range(0, 8, 4))  # K adjacent copies per prompt
-    assert abs(trainer.last_metrics["onpolicy_ratio"] - 1.0) < 1e-5
+    assert trainer.last_metrics["onpolicy_max_abs_logratio"] < 1e-5  # every trained step of the first minibatch
     assert trainer.last_metrics["reward_mean"] == pytest.approx(3.5)
     after = lora_weights(trainer)
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the optimizer moved the adapter
@@ -95,7 +96,7 @@ def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_p
     logs = tmp_path / "run" / "logs" / "loop-trl"
     events = EventAccumulator(str(logs)).Reload()
     logged = set(events.Tags()["scalars"])
-    assert {"reward_mean", "reward_std", "reward_group_std", "onpolicy_ratio", "loss", "approx_kl", "clipfrac",
+    assert {"reward_mean", "reward_std", "reward_group_std", "onpolicy_max_abs_logratio", "loss", "approx_kl", "clipfrac",
             "ratio", "learning_rate"} <= logged, logged
     out = tmp_path / "adapter"
     trainer.save_pretrained(str(out))
@@ -103,6 +104,9 @@ def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_p
     assert all(key.startswith("unet.") for key in load_file(out / "pytorch_lora_weights.safetensors"))
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "JpegCompressibility" in card and "load_lora_weights" in card
+    # the loading snippet samples with the run's settings, and K-1 reads as a number
+    assert "num_inference_steps=3, guidance_scale=2.0, eta=1.0" in card and "the other 3 images" in card
+    assert 'pipe("a red circle"' in card  # a prompt of the run, not an unrelated placeholder
 
     def generate(pipe):
         return pipe("a red circle", num_inference_steps=3, guidance_scale=2.0, output_type="pt", height=32, width=32,
@@ -165,3 +169,23 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, tiny_sd_path, monkeypatc
     assert url.endswith("/commit/1") and calls["repo"] == "me/model"
     assert calls["files"] == ["README.md", "pytorch_lora_weights.safetensors"]
     assert 'load_lora_weights("me/model")' in calls["card"] and "hf_secret" not in calls["card"]
+
+
+def test_only_the_selected_steps_are_trained_with_their_weights(tmp_path, tiny_sd_path):
+    """train_timestep_start/stop decide which step indices reach log_prob; per-step metrics cover exactly those."""
+    trainer = make_trainer(tmp_path, tiny_sd_path, sample_num_steps=5, train_timestep_start=1, train_timestep_stop=-1,
+                           train_timestep_weights=[0, 1, 1, 3, 0], log_per_step_metrics=True, train_num_inner_epochs=2)
+    scored, log_prob = [], trainer.policy.log_prob
+
+    def spy(trajectories, step, guidance_scale=None):
+        scored.extend(torch.as_tensor(step).reshape(-1).tolist())
+        return log_prob(trajectories, step, guidance_scale)
+
+    trainer.policy.log_prob = spy
+    assert trainer.step_weights.tolist() == pytest.approx([0, 0.6, 0.6, 1.8, 0])  # mean 1 over steps 1..3
+    trainer.step(0, 0)
+    assert set(scored) == {1, 2, 3}  # 8 samples x 3 eligible steps x 2 passes: each step is drawn
+    assert len(scored) == 8 * 3 * 2
+    metrics = trainer.last_metrics
+    assert {k for k in metrics if k.startswith("steps/")} == {f"steps/{i}/{m}" for i in (1, 2, 3) for m in ("clipfrac", "abs_logratio")}
+    assert metrics["onpolicy_max_abs_logratio"] < 1e-5

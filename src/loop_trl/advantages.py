@@ -80,7 +80,9 @@ class PerPromptStatTracker:
 
     Keeps the last ``buffer_size`` rewards seen for each prompt. A reward is normalised by
     its prompt's buffered mean and std once the buffer holds ``min_count`` rewards, and by the
-    whole batch's statistics before that.
+    whole batch's statistics before that. ``last_tracked_fraction`` is the fraction of the last
+    update's rewards that were normalised by their own prompt's statistics (0 means the tracker
+    has not engaged yet and the update was plain batch normalisation).
     """
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16):
@@ -89,6 +91,7 @@ class PerPromptStatTracker:
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.stats: dict[str, deque] = {}
+        self.last_tracked_fraction = 0.0
 
     def update(self, prompts: Sequence[str], rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         """Add ``rewards`` (B,) to the buffers of ``prompts`` and return the advantages (B,)."""
@@ -97,6 +100,7 @@ class PerPromptStatTracker:
             raise ValueError(f"Got {len(prompts)} prompts for {len(values)} rewards.")
         advantages = np.empty_like(values)
         prompt_array = np.array(prompts, dtype=object)
+        tracked = 0
         for prompt in dict.fromkeys(prompts):
             mask = prompt_array == prompt
             buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
@@ -105,7 +109,9 @@ class PerPromptStatTracker:
                 mean, std = values.mean(), values.std()
             else:
                 mean, std = np.mean(buffer), np.std(buffer)
+                tracked += int(mask.sum())
             advantages[mask] = (values[mask] - mean) / (std + eps)
+        self.last_tracked_fraction = tracked / max(1, len(values))
         return torch.from_numpy(advantages).float().to(rewards.device)
 
     def state_dict(self) -> dict:

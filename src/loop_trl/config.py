@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .timesteps import eligible_steps, normalized_step_weights
+
 __all__ = ["LOOPConfig"]
 
 _ESTIMATORS = ("loo", "group_norm", "per_prompt_tracker", "batch_norm")
@@ -39,7 +41,13 @@ class LOOPConfig:
     > Training: ``train_batch_size``, ``train_learning_rate``, ``train_adam_*``,
       ``train_use_8bit_adam``, ``train_gradient_accumulation_steps``, ``train_max_grad_norm``,
       ``train_num_inner_epochs``, ``train_cfg``, ``train_clip_range``,
-      ``train_timestep_fraction``, ``train_lr_scheduler``, ``train_lr_warmup_steps``.
+      ``train_timestep_start``, ``train_timestep_stop``, ``train_timestep_fraction``,
+      ``train_timestep_weights``, ``train_lr_scheduler``, ``train_lr_warmup_steps``,
+      ``log_per_step_metrics``.
+
+    > Evaluation (with ``eval_prompts`` passed to the trainer): ``eval_freq``, ``eval_before_training``,
+      ``eval_seed``, ``eval_num_images_per_prompt``, ``eval_num_steps``, ``eval_guidance_scale``,
+      ``eval_eta``, ``eval_batch_size``.
 
     > Memory: ``gradient_checkpointing``, ``offload_trajectories``.
 
@@ -100,9 +108,23 @@ class LOOPConfig:
     train_num_inner_epochs: int = field(default=1, metadata={"help": "PPO passes over each epoch's samples. 1 with train_clip_range=inf is REINFORCE."})
     train_cfg: bool = field(default=True, metadata={"help": "Use classifier-free guidance when recomputing log-probabilities during training (must match sampling to stay on-policy)."})
     train_clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range eps of the ratio exp(logp_new - logp_old); 'inf' disables clipping."})
-    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the denoising steps trained on per trajectory, drawn at random for each sample."})
+    train_timestep_start: int = field(default=0, metadata={"help": "First denoising step index that may be trained (0 is the step from pure noise). With train_timestep_stop it selects the eligible steps range(sample_num_steps)[start:stop], Python slice rules."})
+    train_timestep_stop: Optional[int] = field(default=None, metadata={"help": "End (exclusive) of the eligible denoising steps; negative counts from the end, so -2 never trains the final two steps (whose tiny noise makes their gradient large and their effect on the image small). None: up to the last step."})
+    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the eligible denoising steps trained on per trajectory, drawn at random for each sample and inner epoch (at least one)."})
+    train_timestep_weights: Optional[Union[list, str]] = field(default=None, metadata={"help": "Optional loss weight per denoising step (a list of sample_num_steps numbers >= 0, JSON on the command line such as '[1, 1, 0.5]'); scaled to mean 1 over the eligible steps. None weighs every step equally."})
     train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts' or 'polynomial'."})
     train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
+    log_per_step_metrics: bool = field(default=False, metadata={"help": "Also log, each epoch, the clip fraction and mean |log-ratio| by denoising step index (steps/{index}/...), to see what each step contributes."})
+
+    # Evaluation
+    eval_freq: int = field(default=0, metadata={"help": "Evaluate on the trainer's eval_prompts every this many epochs and after the last one; 0 evaluates only when trainer.evaluate() is called."})
+    eval_before_training: bool = field(default=True, metadata={"help": "With eval_freq > 0, also evaluate before the first epoch (the base model's score, logged at step 0)."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation's sampling noise; the same seed gives the same noise at every evaluation, so scores are comparable across the run."})
+    eval_num_images_per_prompt: int = field(default=4, metadata={"help": "Images sampled per evaluation prompt."})
+    eval_num_steps: Optional[int] = field(default=None, metadata={"help": "Denoising steps for evaluation; None uses sample_num_steps."})
+    eval_guidance_scale: Optional[float] = field(default=None, metadata={"help": "Guidance scale for evaluation; None uses sample_guidance_scale."})
+    eval_eta: Optional[float] = field(default=None, metadata={"help": "DDIM eta for evaluation (> 0); None uses sample_eta."})
+    eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Images per evaluation sampling batch; None uses sample_batch_size."})
 
     # Memory
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the UNet's activations during the backward pass instead of keeping them: much less activation memory in training for roughly one more forward pass of time."})
@@ -118,6 +140,12 @@ class LOOPConfig:
             if not condition:
                 raise ValueError(message)
 
+        if isinstance(self.train_timestep_weights, str):  # from the command line: a JSON list
+            try:
+                self.train_timestep_weights = json.loads(self.train_timestep_weights) if self.train_timestep_weights.strip() else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"train_timestep_weights must be a JSON list such as '[1, 1, 0.5]'; got "
+                                 f"{self.train_timestep_weights!r} ({error}).") from error
         for name in ("tracker_kwargs", "accelerator_kwargs", "project_kwargs"):
             value = getattr(self, name)
             if value is None:
@@ -134,7 +162,8 @@ class LOOPConfig:
         positive_ints = ("num_epochs", "save_freq", "max_consecutive_nonfinite_steps", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
                          "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",
                          "train_gradient_accumulation_steps", "train_num_inner_epochs",
-                         "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count")
+                         "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count",
+                         "eval_num_images_per_prompt")
         for name in positive_ints:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -149,6 +178,22 @@ class LOOPConfig:
               f"sample_guidance_scale must be >= 1.0 (1.0 disables guidance), got {self.sample_guidance_scale}.")
         check(0.0 < self.train_timestep_fraction <= 1.0,
               f"train_timestep_fraction must lie in (0, 1], got {self.train_timestep_fraction}.")
+        for name in ("train_timestep_start", "train_timestep_stop"):
+            value = getattr(self, name)
+            check(value is None and name.endswith("stop") or isinstance(value, int) and not isinstance(value, bool),
+                  f"{name} must be an integer{' or None' if name.endswith('stop') else ''}, got {value!r}.")
+        try:
+            steps = eligible_steps(self.sample_num_steps, self.train_timestep_start, self.train_timestep_stop)
+            normalized_step_weights(self.train_timestep_weights, self.sample_num_steps, steps)
+        except (ValueError, TypeError) as error:
+            raise ValueError(str(error)) from None
+        check(isinstance(self.eval_freq, int) and self.eval_freq >= 0, f"eval_freq must be an integer >= 0, got {self.eval_freq!r}.")
+        for name in ("eval_num_steps", "eval_batch_size"):
+            value = getattr(self, name)
+            check(value is None or isinstance(value, int) and value >= 1, f"{name} must be None or an integer >= 1, got {value!r}.")
+        check(self.eval_guidance_scale is None or self.eval_guidance_scale >= 1.0,
+              f"eval_guidance_scale must be None or >= 1.0, got {self.eval_guidance_scale}.")
+        check(self.eval_eta is None or self.eval_eta > 0, f"eval_eta must be None or > 0, got {self.eval_eta}.")
         check(0.0 <= self.train_adam_beta1 < 1.0 and 0.0 <= self.train_adam_beta2 < 1.0,
               "train_adam_beta1 and train_adam_beta2 must lie in [0, 1).")
         check(self.mixed_precision in ("no", "fp16", "bf16"),
@@ -193,9 +238,14 @@ class LOOPConfig:
               "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/sd15-loop-aesthetic'.")
 
     @property
+    def train_timesteps(self) -> list[int]:
+        """The eligible step indices: ``range(sample_num_steps)[train_timestep_start:train_timestep_stop]``."""
+        return eligible_steps(self.sample_num_steps, self.train_timestep_start, self.train_timestep_stop)
+
+    @property
     def num_train_timesteps(self) -> int:
-        """Denoising steps trained on per trajectory: ``int(sample_num_steps * train_timestep_fraction)``, at least 1."""
-        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
+        """Denoising steps trained on per trajectory: ``int(len(train_timesteps) * train_timestep_fraction)``, at least 1."""
+        return max(1, int(len(self.train_timesteps) * self.train_timestep_fraction))
 
     def to_dict(self) -> dict:
         """The fields as a plain dictionary (for trackers and model cards)."""

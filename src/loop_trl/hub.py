@@ -11,25 +11,39 @@ __all__ = ["make_model_card", "upload_to_hub"]
 
 _CARD_KEYS = ("num_samples_per_prompt", "advantage_estimator", "num_epochs", "sample_num_steps", "sample_eta",
               "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
-              "train_learning_rate", "train_num_inner_epochs", "train_clip_range", "train_timestep_fraction",
-              "mixed_precision", "seed")
+              "train_learning_rate", "train_num_inner_epochs", "train_clip_range", "train_timestep_start",
+              "train_timestep_stop", "train_timestep_fraction", "mixed_precision", "seed")
 
 
 def make_model_card(*, base_model: str | None, reward_name: str, config: dict[str, Any], repo_id: str | None = None,
-                    use_lora: bool = True, epochs_trained: int | None = None) -> ModelCard:
-    """A model card: base model, reward, K, the key settings, and how to load the result."""
+                    use_lora: bool = True, epochs_trained: int | None = None,
+                    base_model_loader: str | None = None, example_prompt: str = "a photo of a cat") -> ModelCard:
+    """A model card: base model, reward, K, the key settings, and how to load and sample the result.
+
+    ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
+    model that is not a Hub id or folder, such as the shapes testbed's shipped model); by default
+    the card loads ``base_model`` with ``StableDiffusionPipeline.from_pretrained``. The sampling
+    line samples ``example_prompt`` with the run's steps, guidance and eta, the settings the
+    weights were trained for.
+    """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
     rows = "\n".join(f"| `{key}` | `{config[key]}` |" for key in _CARD_KEYS if key in config)
     if use_lora:
-        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
-                f'pipe.load_lora_weights("{target}")')
+        load = (base_model_loader or
+                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")')
+        load += f'\npipe.load_lora_weights("{target}")'
     else:
-        load = (f'unet = UNet2DConditionModel.from_pretrained("{target}", subfolder="unet", torch_dtype=torch.float16)\n'
-                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16).to("cuda")')
+        load = f'unet = UNet2DConditionModel.from_pretrained("{target}", subfolder="unet", torch_dtype=torch.float16)\n'
+        load += (f"{base_model_loader}\npipe.unet = unet.to(pipe.device)" if base_model_loader else
+                 f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16).to("cuda")')
+    sample = (f'image = pipe("{example_prompt}", '
+              f'num_inference_steps={config.get("sample_num_steps", 50)}, '
+              f'guidance_scale={config.get("sample_guidance_scale", 5.0)}, eta={config.get("sample_eta", 1.0)}).images[0]')
     k = config.get("num_samples_per_prompt", "K")
+    others = f"{k - 1}" if isinstance(k, int) else "K-1"
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if base_model_loader is None else None,  # metadata takes Hub ids only
         library_name="diffusers",
         license="openrail++" if base_model and "stable-diffusion-2" in base_model else None,
         tags=["loop-trl", "text-to-image", "stable-diffusion", "reinforcement-learning", "lora" if use_lora else "full-finetune"],
@@ -46,8 +60,8 @@ loop-trl using LOOP (leave-one-out PPO, Gupta et al. 2025,
 arXiv:2503.00897).
 
 - **Reward:** `{reward_name}`
-- **Samples per prompt (K):** {k}; each image's baseline is the mean reward of the other {k}-1 images of its prompt
-  (when `advantage_estimator` is `loo`).
+- **Samples per prompt (K):** {k}; with `advantage_estimator` `loo` each image's baseline is
+  the mean reward of the other {others} images of its prompt.
 - **Epochs trained:** {epochs_trained if epochs_trained is not None else 'see config'}
 
 ## How to load it
@@ -57,7 +71,7 @@ import torch
 from diffusers import StableDiffusionPipeline{', UNet2DConditionModel' if not use_lora else ''}
 
 {load}
-image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=5.0).images[0]
+{sample}
 ```
 
 ## Training configuration

@@ -6,7 +6,25 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["PromptSource"]
+__all__ = ["PromptSource", "prompt_rows"]
+
+
+def prompt_rows(source: Any, column: str = "prompt") -> list[tuple[str, dict]]:
+    """``(prompt, metadata)`` rows of a list of strings or a ``datasets.Dataset`` with a ``column`` column."""
+    column_names = getattr(source, "column_names", None)
+    if column_names is not None:  # a datasets.Dataset
+        if column not in column_names:
+            raise ValueError(f"The prompt dataset has no {column!r} column (columns: {column_names}); "
+                             f"rename one with dataset.rename_column(..., {column!r}).")
+        return [(row[column], {k: v for k, v in row.items() if k != column}) for row in source]
+    if isinstance(source, str):
+        raise TypeError("Pass prompts as a list of strings, not a single string.")
+    rows = []
+    for i, prompt in enumerate(source):
+        if not isinstance(prompt, str):
+            raise TypeError(f"Prompt {i} is a {type(prompt).__name__}, not a string.")
+        rows.append((prompt, {}))
+    return rows
 
 
 class PromptSource:
@@ -27,26 +45,9 @@ class PromptSource:
         self.rows: list[tuple[str, dict]] = []
         self._cached_order: tuple[int, np.ndarray] | None = None
         if self.function is None:
-            self.rows = self._rows(source, column)
+            self.rows = prompt_rows(source, column)
             if not self.rows:
                 raise ValueError("The prompt source is empty; give at least one prompt.")
-
-    @staticmethod
-    def _rows(source: Any, column: str) -> list[tuple[str, dict]]:
-        column_names = getattr(source, "column_names", None)
-        if column_names is not None:  # a datasets.Dataset
-            if column not in column_names:
-                raise ValueError(f"The prompt dataset has no {column!r} column (columns: {column_names}); "
-                                 f"rename one with dataset.rename_column(..., {column!r}).")
-            return [(row[column], {k: v for k, v in row.items() if k != column}) for row in source]
-        if isinstance(source, str):
-            raise TypeError("Pass prompts as a list of strings, not a single string.")
-        rows = []
-        for i, prompt in enumerate(source):
-            if not isinstance(prompt, str):
-                raise TypeError(f"Prompt {i} is a {type(prompt).__name__}, not a string.")
-            rows.append((prompt, {}))
-        return rows
 
     def _order(self, data_pass: int) -> np.ndarray:
         """The shuffled order of the rows for one pass over them (cached for the current pass)."""

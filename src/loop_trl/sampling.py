@@ -18,7 +18,7 @@ import math
 import torch
 from diffusers import DDIMScheduler
 
-__all__ = ["ddim_step_with_logprob", "gaussian_log_prob"]
+__all__ = ["ddim_step_std", "ddim_step_with_logprob", "gaussian_log_prob"]
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,38 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
     """Gather ``values[index]`` and reshape to (B, 1, 1, ...) for broadcasting."""
     return values.gather(0, index.cpu()).to(index.device).view(-1, *([1] * (ndim - 1)))
+
+
+def _alphas(scheduler: DDIMScheduler, timestep: int | torch.Tensor, batch: int, ndim: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_bar at t and at the previous timestep, each (B, 1, 1, ...) for broadcasting."""
+    t = torch.as_tensor(timestep, device=device).long().reshape(-1).expand(batch)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.float()
+    alpha_t = _per_sample(alphas, t, ndim)
+    alpha_prev = torch.where(
+        prev_t >= 0,
+        alphas.gather(0, prev_t.clamp(min=0).cpu()).to(device),
+        torch.as_tensor(float(scheduler.final_alpha_cumprod), device=device),
+    ).view_as(alpha_t)
+    return alpha_t, alpha_prev
+
+
+def _std(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """DDIM's sigma_t (eq. 16 of the DDIM paper) times eta."""
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    return eta * variance.clamp(min=0).sqrt()
+
+
+def ddim_step_std(scheduler: DDIMScheduler, timestep: int | torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """The standard deviation of the stochastic DDIM step at ``timestep`` (an int or (B,) tensor): (B,).
+
+    Small values mark steps whose log-probability is very sensitive to the weights (see
+    ``loop_trl.timesteps``); call ``scheduler.set_timesteps`` first.
+    """
+    batch = torch.as_tensor(timestep).reshape(-1).shape[0]
+    alpha_t, alpha_prev = _alphas(scheduler, timestep, batch, 1, torch.device("cpu"))
+    return _std(alpha_t, alpha_prev, eta)
 
 
 def ddim_step_with_logprob(
@@ -75,17 +107,7 @@ def ddim_step_with_logprob(
 
     dtype = model_output.dtype
     model_output, sample = model_output.float(), sample.float()
-    batch = sample.shape[0]
-    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(batch)
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-
-    alphas = scheduler.alphas_cumprod.float()
-    alpha_t = _per_sample(alphas, t, sample.ndim)
-    alpha_prev = torch.where(
-        prev_t >= 0,
-        alphas.gather(0, prev_t.clamp(min=0).cpu()).to(sample.device),
-        torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device),
-    ).view_as(alpha_t)
+    alpha_t, alpha_prev = _alphas(scheduler, timestep, sample.shape[0], sample.ndim, sample.device)
     beta_t = 1 - alpha_t
 
     prediction_type = scheduler.config.prediction_type
@@ -104,8 +126,7 @@ def ddim_step_with_logprob(
         limit = scheduler.config.clip_sample_range
         pred_x0 = pred_x0.clamp(-limit, limit)
 
-    variance = (1 - alpha_prev) / beta_t * (1 - alpha_t / alpha_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    std = _std(alpha_t, alpha_prev, eta)
     mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
 
     if prev_sample is None:

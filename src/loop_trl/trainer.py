@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 from .advantages import PerPromptStatTracker, compute_advantages, group_reward_std
 from .config import LOOPConfig
+from .evaluation import EvalSamples, eval_batches, sample_and_score, summarize
 from .hub import make_model_card, upload_to_hub
 from .objective import clipped_surrogate
 from .pipelines.base import DiffusionPolicy, Trajectories
-from .prompts import PromptSource
+from .prompts import PromptSource, prompt_rows
+from .timesteps import normalized_step_weights, select_timesteps
 
 __all__ = ["LOOPTrainer"]
 
@@ -71,6 +73,12 @@ class LOOPTrainer:
         image_samples_hook: optional ``hook(prompt_image_data, global_step, tracker)`` called on the
             main process each epoch; ``prompt_image_data`` holds one
             ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` per sampling batch.
+        eval_prompts: optional fixed evaluation prompts (a list, or a ``datasets.Dataset`` with a
+            ``prompt`` column whose other columns are passed as metadata), scored by
+            :meth:`evaluate` with the ``eval_*`` settings of the config, every ``eval_freq`` epochs.
+
+    ``log_history`` holds every dictionary of metrics this trainer logged (epochs, optimizer steps
+    and evaluations), each with its ``step``.
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class LOOPTrainer:
         prompt_function: Callable[[], tuple[str, Any]] | Sequence[str] | Any,
         sd_pipeline: DiffusionPolicy,
         image_samples_hook: Callable[[list, int, Any], None] | None = None,
+        eval_prompts: Sequence[str] | Any | None = None,
     ):
         if not isinstance(config, LOOPConfig):
             raise TypeError(f"config must be a LOOPConfig, got {type(config).__name__}.")
@@ -92,6 +101,16 @@ class LOOPTrainer:
         self.reward_function = reward_function
         self.policy = sd_pipeline
         self.image_samples_hook = image_samples_hook
+        self.eval_prompts = prompt_rows(eval_prompts) if eval_prompts is not None else []
+        if eval_prompts is not None and not self.eval_prompts:
+            raise ValueError("eval_prompts is empty; pass at least one prompt or leave it out.")
+        if config.eval_freq > 0 and not self.eval_prompts:
+            raise ValueError(f"eval_freq={config.eval_freq} needs eval_prompts: pass LOOPTrainer(..., eval_prompts=[...]) "
+                             "or set eval_freq=0.")
+        self.log_history: list[dict] = []
+        # which denoising steps are trained, and each step's loss weight (mean 1 over those steps)
+        self.train_steps = config.train_timesteps
+        self.step_weights = normalized_step_weights(config.train_timestep_weights, config.sample_num_steps, self.train_steps)
 
         project_config = ProjectConfiguration(project_dir=config.output_dir,
                                               logging_dir=os.path.join(config.output_dir, "logs"),
@@ -158,10 +177,15 @@ class LOOPTrainer:
         last_epoch = self.first_epoch + epochs if epochs is not None else self.config.num_epochs
         bar = tqdm(range(self.first_epoch, last_epoch), desc="LOOP epochs", initial=self.first_epoch,
                    total=last_epoch, disable=not self.accelerator.is_local_main_process)
+        eval_freq = self.config.eval_freq
+        if eval_freq and self.config.eval_before_training and self.first_epoch == 0:
+            self.evaluate()
         for epoch in bar:
             self.global_step = self.step(epoch, self.global_step)
             bar.set_postfix(reward=f"{self.last_metrics['reward_mean']:.4g}")
             self.first_epoch = epoch + 1
+            if eval_freq and ((epoch + 1) % eval_freq == 0 or epoch + 1 == last_epoch):
+                self.evaluate()
             if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == last_epoch:
                 self.save_checkpoint()
         if self.accelerator.is_main_process:
@@ -193,14 +217,53 @@ class LOOPTrainer:
 
         for inner_epoch in range(config.train_num_inner_epochs):
             global_step, train_metrics = self._train_inner_epoch(trajectories, advantages, epoch, inner_epoch, global_step)
-            if inner_epoch == 0:
-                epoch_metrics["onpolicy_ratio"] = train_metrics["onpolicy_ratio"]
+            epoch_metrics.update({k: v for k, v in train_metrics.items() if inner_epoch == 0 or not k.startswith("onpolicy")})
         epoch_metrics["epoch"] = epoch
         epoch_metrics["time_epoch_s"] = self._clock() - started
         epoch_metrics.update({f"time_{name}_s": seconds for name, seconds in self._timers.items()})
-        self.accelerator.log(epoch_metrics, step=global_step)
+        self._log(epoch_metrics, global_step)
         self.last_metrics = epoch_metrics
         return global_step
+
+    def _log(self, metrics: dict, step: int) -> None:
+        self.accelerator.log(metrics, step=step)
+        self.log_history.append({**metrics, "step": step})
+
+    @torch.no_grad()
+    def evaluate(self, log: bool = True, guidance_scale: float | None = None) -> dict[str, float]:
+        """Score the current weights on ``eval_prompts`` with fixed noise (``eval_seed``).
+
+        Returns (on every process) the metrics of :func:`loop_trl.evaluation.summarize`: the mean
+        reward and its standard error, the same for each per-image number in the reward's metadata,
+        and per-category means when the metadata has a ``category`` list. With ``log`` they are
+        logged under ``eval/`` at the current global step. Processes share the batches; the images
+        do not depend on how many processes there are. ``guidance_scale`` overrides the config's
+        evaluation guidance for this call (to compare guidance settings).
+        """
+        if not self.eval_prompts:
+            raise ValueError("evaluate() needs eval_prompts: pass LOOPTrainer(..., eval_prompts=[...]).")
+        config, accelerator = self.config, self.accelerator
+        prompts = [p for p, _ in self.eval_prompts]
+        batch_size = config.eval_batch_size or config.sample_batch_size
+        num_batches = len(eval_batches(prompts, config.eval_num_images_per_prompt, batch_size))
+        mine = list(range(accelerator.process_index, num_batches, accelerator.num_processes))
+        samples = sample_and_score(
+            self.policy, self.reward_function, prompts, [m for _, m in self.eval_prompts],
+            images_per_prompt=config.eval_num_images_per_prompt, seed=config.eval_seed,
+            num_steps=config.eval_num_steps or config.sample_num_steps,
+            guidance_scale=guidance_scale or config.eval_guidance_scale or config.sample_guidance_scale,
+            eta=config.eval_eta or config.sample_eta, batch_size=batch_size, negative_prompt=config.negative_prompts,
+            batch_indices=mine, progress=accelerator.is_local_main_process)
+        if accelerator.num_processes > 1:
+            everyone = EvalSamples()
+            for part in gather_object([samples]):
+                everyone.extend(part)
+            samples = everyone
+        metrics = summarize(samples)
+        if log:
+            self._log({**{f"eval/{name}": value for name, value in metrics.items()}, "eval/epochs_completed": self.first_epoch},
+                      self.global_step)
+        return metrics
 
     # ------------------------------------------------------------------ the pieces of an epoch
     def _sample(self, epoch: int) -> tuple[Trajectories, list, torch.Tensor]:
@@ -293,23 +356,32 @@ class LOOPTrainer:
         metrics = {"reward_mean": kept_rewards.mean().item(), "reward_std": kept_rewards.std(unbiased=False).item(),
                    "reward_group_std": group_reward_std(kept_rewards, kept_groups).item(),
                    "advantage_abs_mean": advantages[all_valid].abs().mean().item(), "skipped_groups": skipped}
+        if config.advantage_estimator == "per_prompt_tracker":  # did the per-prompt statistics engage?
+            metrics["tracker_engaged_fraction"] = self.stat_tracker.last_tracked_fraction
         return mine.to(device), metrics
 
     def _train_inner_epoch(self, trajectories: Trajectories, advantages: torch.Tensor, epoch: int, inner_epoch: int,
                            global_step: int) -> tuple[int, dict]:
-        """One PPO pass: shuffle samples and (per sample) timesteps, then minimise the clipped surrogate."""
+        """One PPO pass: shuffle samples and (per sample) timesteps, then minimise the clipped surrogate.
+
+        Returns the step count and the pass's metrics: ``onpolicy_max_abs_logratio`` (the largest
+        |log-ratio| over every trained step of the first minibatch, all before the pass's first
+        optimizer step; 0 up to float error on the first pass when sampling and scoring agree)
+        and, with ``log_per_step_metrics``, clip fraction and mean |log-ratio| by step index.
+        """
         config, accelerator = self.config, self.accelerator
         generator = _generator(config.seed, epoch, accelerator.process_index, 1 + inner_epoch)
-        n, T = len(trajectories), trajectories.num_steps
+        n = len(trajectories)
         perm = torch.randperm(n, generator=generator)
         trajectories, advantages = trajectories[perm], advantages[perm.to(advantages.device)]
-        steps = torch.stack([torch.randperm(T, generator=generator) for _ in range(n)])[:, :config.num_train_timesteps]
-        steps = steps.to(accelerator.device)
+        steps = select_timesteps(n, self.train_steps, config.num_train_timesteps, generator).to(accelerator.device)
+        weights = self.step_weights.to(accelerator.device)
         rows = torch.arange(config.train_batch_size, device=steps.device)
         guidance = None if config.train_cfg else 1.0
 
         window: dict[str, list[torch.Tensor]] = defaultdict(list)
-        first_ratio = None
+        onpolicy = torch.zeros((), device=accelerator.device)
+        per_step = torch.zeros(3, trajectories.num_steps, device=accelerator.device)  # count, clipped, |log-ratio|
         self.policy.denoiser.train()
         started = self._clock()
         for start in tqdm(range(0, n, config.train_batch_size), desc=f"epoch {epoch}: training", leave=False,
@@ -320,12 +392,18 @@ class LOOPTrainer:
                 step = steps[start:start + config.train_batch_size, j]
                 with accelerator.accumulate(self.policy.denoiser):
                     log_prob = self.policy.log_prob(batch, step, guidance_scale=guidance)
-                    out = clipped_surrogate(log_prob, batch.log_probs[rows, step], batch_adv, config.train_clip_range)
+                    old_log_prob = batch.log_probs[rows, step]
+                    out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range, weights[step])
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         self._optimizer_step()
-                if first_ratio is None:
-                    first_ratio = out.ratio
+                log_ratio = (log_prob - old_log_prob).detach()
+                if start == 0:
+                    onpolicy = torch.maximum(onpolicy, log_ratio.abs().max())
+                if config.log_per_step_metrics:
+                    per_step[0].index_add_(0, step, torch.ones_like(log_ratio))
+                    per_step[1].index_add_(0, step, ((log_ratio.exp() - 1).abs() > config.train_clip_range).float())
+                    per_step[2].index_add_(0, step, log_ratio.abs())
                 for name in ("loss", "approx_kl", "clipfrac", "ratio"):
                     window[name].append(out.__dict__[name].detach())
                 if accelerator.sync_gradients:
@@ -333,11 +411,17 @@ class LOOPTrainer:
                     metrics = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in window.items()}
                     metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"],
                                    nonfinite_steps=self.nonfinite_steps)
-                    accelerator.log(metrics, step=global_step)
+                    self._log(metrics, global_step)
                     window.clear()
         self._timers["training"] += self._clock() - started
-        onpolicy = accelerator.reduce(first_ratio.to(accelerator.device), "mean").item()
-        return global_step, {"onpolicy_ratio": onpolicy}
+        metrics = {"onpolicy_max_abs_logratio": accelerator.reduce(onpolicy, "max").item()}
+        if config.log_per_step_metrics:
+            per_step = accelerator.reduce(per_step, "sum").cpu()
+            for index in self.train_steps:
+                if per_step[0, index] > 0:
+                    metrics[f"steps/{index}/clipfrac"] = (per_step[1, index] / per_step[0, index]).item()
+                    metrics[f"steps/{index}/abs_logratio"] = (per_step[2, index] / per_step[0, index]).item()
+        return global_step, metrics
 
     def _clock(self) -> float:
         """Wall time in seconds, after the accelerator has finished its queued work."""
@@ -457,9 +541,11 @@ class LOOPTrainer:
         ``repo_id`` is the Hub repository the card's loading snippet points at (default: the folder).
         """
         self.policy.save_adapter(save_directory)
-        pipeline = getattr(self.policy, "pipeline", None)
+        example = self.eval_prompts[0][0] if self.eval_prompts else (self.prompts.rows[0][0] if self.prompts.rows else None)
         card = make_model_card(
-            base_model=getattr(pipeline, "name_or_path", None) or None,
+            base_model=getattr(self.policy, "base_model_name", None),
+            base_model_loader=getattr(self.policy, "base_model_loader", None),
+            example_prompt=example or "a photo of a cat",
             reward_name=getattr(self.reward_function, "__name__", type(self.reward_function).__name__),
             config=self.config.to_dict(),
             repo_id=repo_id or save_directory,

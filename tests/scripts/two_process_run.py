@@ -20,9 +20,10 @@ mode = sys.argv[3] if len(sys.argv) > 3 else "full"  # full | first (stop after 
 torch.use_deterministic_algorithms(True)
 config = LOOPConfig(num_epochs=2, resume_from="latest" if mode == "resume" else "", sample_num_steps=3, sample_batch_size=8, sample_num_batches_per_epoch=2,
                     train_batch_size=4, mixed_precision="no", output_dir=out, train_learning_rate=1e-2,
-                    sample_guidance_scale=2.0, seed=0)
-trainer = LOOPTrainer(config, JpegCompressibility(), ["a red circle", "a blue square", "two green triangles", "a cat"],
-                      LOOPStableDiffusionPipeline.from_pretrained(sd_path))
+                    sample_guidance_scale=2.0, seed=0, eval_num_images_per_prompt=3)
+PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
+trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, LOOPStableDiffusionPipeline.from_pretrained(sd_path),
+                      eval_prompts=PROMPTS)
 accelerator = trainer.accelerator
 report = {"rank": accelerator.process_index, "world": accelerator.num_processes, "weight_spread": [], "groups": []}
 
@@ -59,5 +60,7 @@ def checked_advantages(trajectories, rewards, valid):
 trainer._advantages = checked_advantages
 trainer.train(epochs=1 if mode == "first" else None)
 report["steps"] = trainer.global_step
+if mode == "full":  # 12 evaluation images in batches of 8: each rank samples one batch, then they are gathered
+    report["eval"] = trainer.evaluate(log=False)
 with open(f"{out}/rank_{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)

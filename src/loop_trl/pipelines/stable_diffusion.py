@@ -68,6 +68,10 @@ class LOOPStableDiffusionPipeline(DiffusionPolicy):
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}.")
         self.pipeline = pipeline
         self.use_lora = use_lora
+        # for model cards: the base model's name, and optional code that loads it as `pipe`
+        # (None: StableDiffusionPipeline.from_pretrained(base_model_name))
+        self.base_model_name: str | None = pipeline.name_or_path or None
+        self.base_model_loader: str | None = None
         self.inference_dtype = torch.float32
 
         config = dict(pipeline.scheduler.config)

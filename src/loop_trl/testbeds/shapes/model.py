@@ -28,4 +28,10 @@ def load_pipeline(**kwargs) -> StableDiffusionPipeline:
 def load_policy(**kwargs) -> LOOPStableDiffusionPipeline:
     """The base model wrapped for LOOP; ``kwargs`` go to ``LOOPStableDiffusionPipeline`` (``lora_rank``, ...)."""
     _check()
-    return LOOPStableDiffusionPipeline.from_pretrained(MODEL_DIR, **kwargs)
+    policy = LOOPStableDiffusionPipeline.from_pretrained(MODEL_DIR, **kwargs)
+    # what a model card tells users to load: the model ships inside the package, not at this machine's path
+    policy.base_model_name = "loop-trl shapes testbed (shipped in the loop-trl package)"
+    policy.base_model_loader = ("# pip install loop-trl  (the testbed's base model ships inside the package)\n"
+                                "from loop_trl.testbeds.shapes import load_pipeline\n"
+                                "pipe = load_pipeline()")
+    return policy

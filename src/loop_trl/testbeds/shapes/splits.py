@@ -12,12 +12,12 @@ import itertools
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+from ...evaluation import sample_and_score, summarize
 from .scenes import COLORS, FAMILIES, NUMBERS, SHAPES
 from .verifier import ShapesReward, parse_prompt
 
-__all__ = ["HELD_OUT_PAIRS", "all_prompts", "evaluate", "heldout_prompts", "train_prompts"]
+__all__ = ["HELD_OUT_PAIRS", "all_prompts", "evaluate", "heldout_prompts", "train_eval_prompts", "train_prompts"]
 
 HELD_OUT_PAIRS = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "circle"))
 
@@ -50,9 +50,19 @@ def _split(held_out: bool) -> dict[str, list[str]]:
     return keep
 
 
-def train_prompts() -> list[str]:
-    """The RL training prompts of all four families (no held-out pairing)."""
-    return [p for prompts in _split(False).values() for p in prompts]
+def train_prompts(families: Sequence[str] | None = None) -> list[str]:
+    """The RL training prompts (no held-out pairing) of ``families`` (default: all four)."""
+    unknown = set(families or ()) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"Unknown prompt families {sorted(unknown)}; choose from {FAMILIES}.")
+    return [p for family, prompts in _split(False).items() if families is None or family in families for p in prompts]
+
+
+def train_eval_prompts(per_family: int = 12, seed: int = 0) -> dict[str, list[str]]:
+    """A fixed subset of the training prompts, by family, for measuring learning on what was trained
+    (with other noise than training saw); ``per_family`` prompts of each family."""
+    rng = np.random.default_rng([seed, 1])
+    return {f: sorted(rng.choice(p, size=min(per_family, len(p)), replace=False).tolist()) for f, p in _split(False).items()}
 
 
 def heldout_prompts(per_family: int | None = None, seed: int = 0) -> dict[str, list[str]]:
@@ -64,29 +74,21 @@ def heldout_prompts(per_family: int | None = None, seed: int = 0) -> dict[str, l
     return {f: sorted(rng.choice(p, size=min(per_family, len(p)), replace=False).tolist()) for f, p in split.items()}
 
 
-@torch.no_grad()
 def evaluate(pipeline: Any, prompts: Sequence[str] | dict[str, Sequence[str]], n_per_prompt: int = 4, seed: int = 0,
-             num_steps: int = 20, guidance_scale: float = 5.0, batch_size: int = 32) -> dict[str, float]:
-    """Strict accuracy per prompt family (and ``mean_score``, ``overall``) of ``pipeline``'s images.
+             num_steps: int = 20, guidance_scale: float = 5.0, batch_size: int = 32, eta: float = 1.0) -> dict[str, float]:
+    """Strict accuracy per prompt family (and ``overall``, its standard error ``overall_sem``, and
+    ``mean_score``) of ``pipeline``'s images.
 
     ``pipeline`` is a ``LOOPStableDiffusionPipeline`` (its current weights are evaluated). Images
-    are sampled with the same stochastic DDIM sampler as training (eta=1) from a fixed seed.
+    are sampled with the stochastic DDIM sampler of training (``eta``) from fixed noise
+    (:func:`loop_trl.evaluation.sample_and_score`).
     """
     if isinstance(prompts, dict):
         prompts = [p for family_prompts in prompts.values() for p in family_prompts]
-    jobs = [p for p in prompts for _ in range(n_per_prompt)]
-    reward = ShapesReward()
-    generator = torch.Generator().manual_seed(seed)
-    passed: dict[str, list[bool]] = {family: [] for family in FAMILIES}
-    scores = []
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        traj = pipeline.sample(batch, num_steps=num_steps, guidance_scale=guidance_scale, eta=1.0, generator=generator)
-        values, meta = reward(traj.images, batch, [{}] * len(batch))
-        scores.extend(values.tolist())
-        for family, ok in zip(meta["family"], meta["strict"].tolist()):
-            passed[family].append(ok)
-    result = {family: float(np.mean(v)) for family, v in passed.items() if v}
-    result["overall"] = float(np.mean([ok for v in passed.values() for ok in v]))
-    result["mean_score"] = float(np.mean(scores))
+    samples = sample_and_score(pipeline, ShapesReward(), prompts, images_per_prompt=n_per_prompt, seed=seed,
+                               num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, batch_size=batch_size)
+    metrics = summarize(samples)
+    result = {family: metrics[f"strict_mean/{family}"] for family in FAMILIES if f"strict_mean/{family}" in metrics}
+    result.update(overall=metrics["strict_mean"], overall_sem=metrics["strict_sem"], mean_score=metrics["reward_mean"],
+                  mean_score_sem=metrics["reward_sem"])
     return result

@@ -10,7 +10,8 @@ triangle ~1/2). The score is the fraction of the prompt's requirements that hold
 * counting "two green triangles": one exists, and there are exactly two;
 * spatial "a red circle to the left of a blue square": each exists, and the first is left of the second.
 
-``reward_metadata["strict"]`` says whether all requirements hold.
+``reward_metadata["strict"]`` says whether all requirements hold and ``reward_metadata["category"]``
+names each prompt's family (evaluation breaks its metrics down by it).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ShapesReward:
     """``reward_function`` for the shapes testbed: the fraction of the prompt's requirements met, in [0, 1].
 
     ``reward_metadata`` holds ``strict`` (a (B,) bool tensor: all requirements met), ``family``
-    (each prompt's family) and ``detections``.
+    and ``category`` (each prompt's family) and ``detections``.
     """
 
     def __init__(self, min_area_fraction: float = 0.012, max_color_distance: float = 90.0):
@@ -141,4 +142,5 @@ class ShapesReward:
             strict.append(passed)
             families.append(parse_prompt(prompt)[0])
             all_detections.append(found)
-        return torch.tensor(scores), {"strict": torch.tensor(strict), "family": families, "detections": all_detections}
+        return torch.tensor(scores), {"strict": torch.tensor(strict), "family": families, "category": families,
+                                      "detections": all_detections}

@@ -1,0 +1,127 @@
+"""Evaluation on fixed prompts and fixed noise: sample, score, summarise.
+
+:func:`sample_and_score` draws ``images_per_prompt`` images for each prompt. Batch ``b`` of the
+job list always gets the noise of a generator seeded with ``(seed, b)``, so the images do not
+depend on how many processes share the work or when in the run it is done: two evaluations of
+the same weights give the same images, and two of different weights differ only by the weights.
+
+:func:`summarize` turns the scored samples into metrics: the mean reward and its standard error,
+the mean and standard error of every per-image number the reward reports in its metadata (for
+example ``strict`` for the shapes verifier), and each of these per category when the metadata
+carries a ``category`` list (one name per image).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["EvalSamples", "eval_batches", "sample_and_score", "summarize"]
+
+
+@dataclass
+class EvalSamples:
+    """Scored evaluation images, one entry per image: prompts, rewards, per-image metadata numbers, categories."""
+
+    prompts: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+    categories: list[str] | None = None
+
+    def extend(self, other: "EvalSamples") -> None:
+        self.prompts += other.prompts
+        self.rewards += other.rewards
+        for key, values in other.values.items():
+            self.values.setdefault(key, []).extend(values)
+        if other.categories is not None:
+            self.categories = (self.categories or []) + other.categories
+
+
+def _per_image_numbers(reward_metadata: Any, n: int) -> tuple[dict[str, list[float]], list[str] | None]:
+    """The per-image numbers (bools count as 0/1) and the ``category`` list of a reward's metadata dict."""
+    if not isinstance(reward_metadata, dict):
+        return {}, None
+    numbers = {}
+    for key, value in reward_metadata.items():
+        if torch.is_tensor(value):
+            value = value.detach().cpu()
+            if value.ndim == 1 and len(value) == n and (value.is_floating_point() or value.dtype in (torch.bool, torch.int64, torch.int32)):
+                numbers[key] = value.double().tolist()
+        elif isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, (bool, int, float)) for v in value):
+            numbers[key] = [float(v) for v in value]
+    categories = reward_metadata.get("category")
+    if not (isinstance(categories, (list, tuple)) and len(categories) == n):
+        categories = None
+    return numbers, None if categories is None else [str(c) for c in categories]
+
+
+def eval_batches(prompts: Sequence[str], images_per_prompt: int, batch_size: int) -> list[list[int]]:
+    """The evaluation's jobs as batches of prompt indices (each prompt repeated ``images_per_prompt`` times)."""
+    jobs = [i for i in range(len(prompts)) for _ in range(images_per_prompt)]
+    return [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
+
+
+@torch.no_grad()
+def sample_and_score(
+    policy: Any,
+    reward_function: Callable,
+    prompts: Sequence[str],
+    prompt_metadata: Sequence[Any] | None = None,
+    *,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    num_steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 1.0,
+    batch_size: int = 32,
+    negative_prompt: str | None = None,
+    batch_indices: Sequence[int] | None = None,
+    progress: bool = False,
+) -> EvalSamples:
+    """Sample ``images_per_prompt`` images per prompt from fixed noise and score them.
+
+    ``batch_indices`` picks which of the :func:`eval_batches` to run (all by default; processes
+    pass their share). The result keeps the order of the batches run.
+    """
+    prompts = list(prompts)
+    metadata = list(prompt_metadata) if prompt_metadata is not None else [{} for _ in prompts]
+    batches = eval_batches(prompts, images_per_prompt, batch_size)
+    chosen = range(len(batches)) if batch_indices is None else batch_indices
+    out = EvalSamples()
+    for b in tqdm(chosen, desc="evaluating", leave=False, disable=not progress):
+        batch_prompts = [prompts[i] for i in batches[b]]
+        batch_metadata = [metadata[i] for i in batches[b]]
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
+        traj = policy.sample(batch_prompts, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
+                             generator=generator, negative_prompt=negative_prompt)
+        output = reward_function(traj.images, batch_prompts, batch_metadata)
+        rewards = torch.as_tensor(output[0] if isinstance(output, tuple) else output).detach().cpu().double().reshape(-1)
+        numbers, categories = _per_image_numbers(output[1] if isinstance(output, tuple) else None, len(batch_prompts))
+        out.extend(EvalSamples(batch_prompts, rewards.tolist(), numbers, categories))
+    return out
+
+
+def _mean_and_sem(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    sem = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else float("nan")
+    return float(array.mean()), sem
+
+
+def summarize(samples: EvalSamples) -> dict[str, float]:
+    """Metrics of scored samples: ``reward_mean``/``reward_sem``, ``{key}_mean``/``{key}_sem`` for each
+    per-image metadata number, and ``{metric}/{category}`` breakdowns of the means; ``num_images``."""
+    columns = {"reward": samples.rewards, **samples.values}
+    metrics: dict[str, float] = {"num_images": float(len(samples.rewards))}
+    for key, values in columns.items():
+        metrics[f"{key}_mean"], metrics[f"{key}_sem"] = _mean_and_sem(values)
+    if samples.categories is not None:
+        for category in sorted(set(samples.categories)):
+            rows = [i for i, c in enumerate(samples.categories) if c == category]
+            for key, values in columns.items():
+                metrics[f"{key}_mean/{category}"] = float(np.mean([values[i] for i in rows]))
+    return metrics
