@@ -44,7 +44,8 @@ def test_trailing_mean():
 def test_compare_algorithms_tiny(tmp_path):
     run(os.path.join(BENCH, "compare_algorithms.py"), "--output_dir", "out", "--methods", "loop", "ppo", "--seeds", "0",
         "--lora_rank", "2", "--eval_every", "1", "--eval_prompts", "2", "--heldout_prompts", "2",
-        *TINY[:10], "--eval_images_per_prompt", "2", cwd=tmp_path)  # TINY's workload, without its held-out flags
+        "--timestep_stop", "-1", *TINY[:10], "--eval_images_per_prompt", "2",  # TINY's workload, without its held-out flags
+        cwd=tmp_path)
     out = tmp_path / "out"
     assert {"runs.csv", "summary.csv", "table.md", "curves.png"} <= set(os.listdir(out))
     with open(out / "summary.csv") as f:

@@ -88,7 +88,7 @@ def test_evaluate_reports_per_family_accuracy(tiny_sd_path):
     policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path)
     prompts = heldout_prompts(per_family=1)
     result = evaluate(policy, prompts, n_per_prompt=2, num_steps=2, seed=0)
-    assert set(result) == set(FAMILIES) | {"overall", "mean_score"}
+    assert set(result) == set(FAMILIES) | {"overall", "overall_sem", "mean_score", "mean_score_sem"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
     assert result == evaluate(policy, prompts, n_per_prompt=2, num_steps=2, seed=0)  # fixed seed, same numbers
 

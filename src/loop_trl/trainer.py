@@ -194,7 +194,11 @@ class LOOPTrainer:
                 self.push_to_hub(self.config.hub_model_id, private=self.config.hub_private)
         self.accelerator.wait_for_everyone()
         if self.first_epoch >= self.config.num_epochs:  # the run is complete: close the trackers
-            self.accelerator.end_training()
+            # (not accelerator.end_training(): it also destroys the process group, and the trainer
+            # must still work afterwards, e.g. for evaluate() on several processes)
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
 
     def step(self, epoch: int, global_step: int) -> int:
         """One LOOP epoch: sample K trajectories per prompt, score, compute advantages, optimise.
