@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_workload_arguments, clock, peak_memory_mb  # noqa: E402
+from common import add_workload_arguments, peak_memory_mb  # noqa: E402
 
 METHODS = {
     # advantage estimator, K, and what each method fixes of the PPO settings
