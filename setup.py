@@ -29,7 +29,8 @@ setup(
         "matplotlib",  # reward curves and benchmark plots
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard", "hypothesis", "matplotlib"],
+        "test": ["pytest>=8", "tensorboard", "hypothesis", "matplotlib", "rapidocr_onnxruntime>=1.4"],
+        "ocr": ["rapidocr_onnxruntime>=1.4"],  # OCRReward: ships its ONNX models, runs offline
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

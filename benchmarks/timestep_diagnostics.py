@@ -52,8 +52,8 @@ def finish_from(policy, traj, step: int, generator: torch.Generator) -> torch.Te
     scheduler, latents = policy.pipeline.scheduler, traj.latents[:, step]
     for t in traj.timesteps[0, step:]:
         timesteps = t.expand(len(traj))
-        noise_pred = policy._predict_noise(policy.unet, latents, timesteps, traj.prompt_embeds,
-                                           traj.negative_prompt_embeds, traj.guidance_scale)
+        noise_pred = policy._predict_noise(policy.unet, latents, timesteps, traj.conditioning,
+                                           traj.negative_conditioning, traj.guidance_scale)
         latents, _ = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, traj.eta, generator=generator)
     return policy.decode(latents)
 

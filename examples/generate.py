@@ -1,19 +1,26 @@
-"""Generate images from a base model plus a LOOP-trained adapter (Hub id or folder).
+"""Generate images from a base model plus a LOOP-trained adapter (Hub id or folder), with plain diffusers.
 
     python examples/generate.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --adapter you/sd15-loop-aesthetic --prompts "a cat" "a dog" --output_dir samples
+
+Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1): diffusers picks the pipeline class
+from the base model's model_index.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+import diffusers
+from diffusers import DiffusionPipeline
 from PIL import Image
 from trl import TrlParser
+
+from loop_trl import policy_class_for
 
 
 @dataclass
@@ -32,14 +39,17 @@ class GenerateArguments:
     dtype: str = field(default="auto", metadata={"help": "'fp16', 'bf16', 'fp32' or 'auto' (fp16 on GPU, fp32 on CPU)."})
 
 
-def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    unet = None
-    if args.adapter and os.path.isfile(os.path.join(args.adapter, "unet", "config.json")):  # full fine-tune
-        unet = UNet2DConditionModel.from_pretrained(args.adapter, subfolder="unet", dtype=dtype)
-    extra = {"unet": unet} if unet is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, **extra)
-    if args.adapter and unet is None:
+def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    family = policy_class_for(args.base)
+    extra = dict(family.from_pretrained_kwargs)
+    module_config = os.path.join(args.adapter or "", family.module_name, "config.json")
+    full_finetune = bool(args.adapter) and os.path.isfile(module_config)
+    if full_finetune:  # a fine-tuned UNet or transformer replaces the base model's
+        with open(module_config) as f:
+            module_class = getattr(diffusers, json.load(f)["_class_name"])
+        extra[family.module_name] = module_class.from_pretrained(args.adapter, subfolder=family.module_name, dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.base, dtype=dtype, **extra)
+    if args.adapter and not full_finetune:
         pipe.load_lora_weights(args.adapter)
     pipe.set_progress_bar_config(desc="denoising")
     return pipe.to(device)

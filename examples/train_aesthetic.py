@@ -1,8 +1,12 @@
-"""Fine-tune Stable Diffusion with LOOP on the LAION aesthetic score (or JPEG (in)compressibility).
+"""Fine-tune a text-to-image model with LOOP on the LAION aesthetic score (or JPEG (in)compressibility).
 
     accelerate launch examples/train_aesthetic.py                       # SD 1.5, aesthetic reward
     accelerate launch examples/train_aesthetic.py --config examples/configs/aesthetic_sd15.yaml
+    accelerate launch examples/train_aesthetic.py --config examples/configs/aesthetic_sd35_medium.yaml
+    accelerate launch examples/train_aesthetic.py --pretrained_model stabilityai/stable-diffusion-3.5-medium
     accelerate launch examples/train_aesthetic.py --push_to_hub --hub_model_id you/sd15-loop-aesthetic
+
+The model family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) is read from the checkpoint's model_index.json.
 
 Every option of LOOPConfig and of ScriptArguments below is a flag; --help lists them all.
 """
@@ -16,7 +20,9 @@ from typing import Optional
 
 from trl import TrlParser
 
-from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
+import torch
+
+from loop_trl import LOOPConfig, LOOPTrainer, load_policy
 from loop_trl.hooks import log_images_hook
 from loop_trl.rewards import AestheticReward, JpegCompressibility, JpegIncompressibility
 
@@ -33,11 +39,14 @@ class ScriptArguments:
     """Model, LoRA, reward and prompt options of this script (LOOPConfig holds the rest)."""
 
     pretrained_model: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format."})
+                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format, of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)."})
     pretrained_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the full UNet (False)."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the full UNet / transformer (False)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    lora_target_modules: Optional[str] = field(default=None, metadata={"help": "Comma-separated module names that get LoRA layers; default: the family's (as diffusers' LoRA training scripts)."})
+    resolution: Optional[int] = field(default=None, metadata={"help": "Image height and width in pixels; default: the model's own (512 for SD 1.5, 1024 for SDXL, SD3.5 and FLUX.1)."})
+    load_dtype: str = field(default="fp32", metadata={"help": "dtype the base weights load in: 'fp32', 'bf16' or 'fp16' (bf16 halves the memory of loading a large model; trained weights are fp32 either way)."})
     init_adapter: Optional[str] = field(default=None, metadata={"help": "Start from this LoRA adapter (folder or Hub id) instead of a new one."})
     reward: str = field(default="aesthetic", metadata={"help": "'aesthetic', 'jpeg_compressibility' or 'jpeg_incompressibility'."})
     aesthetic_clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP model (Hub id or folder) of the aesthetic reward."})
@@ -68,10 +77,15 @@ def make_prompts(args: ScriptArguments):
 def main() -> None:
     parser = TrlParser((LOOPConfig, ScriptArguments))
     config, args = parser.parse_args_and_config()
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: diffusers' fp32 default
+    if args.load_dtype not in dtypes:
+        raise ValueError(f"--load_dtype must be one of {sorted(dtypes)}, got {args.load_dtype!r}.")
     reward = make_reward(args)
-    policy = LOOPStableDiffusionPipeline.from_pretrained(
-        args.pretrained_model, revision=args.pretrained_revision, use_lora=args.use_lora,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, adapter=args.init_adapter,
+    targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()] if args.lora_target_modules else None
+    policy = load_policy(
+        args.pretrained_model, revision=args.pretrained_revision, torch_dtype=dtypes[args.load_dtype],
+        use_lora=args.use_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target_modules=targets,
+        adapter=args.init_adapter, resolution=args.resolution,
     )
     trainer = LOOPTrainer(config, reward, make_prompts(args), policy,
                           image_samples_hook=log_images_hook() if args.log_images else None)

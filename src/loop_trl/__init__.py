@@ -3,7 +3,9 @@
 from .advantages import PerPromptStatTracker, compute_advantages, leave_one_out_advantages
 from .config import LOOPConfig
 from .objective import clipped_surrogate
-from .pipelines import DiffusionPolicy, LOOPStableDiffusionPipeline, Trajectories
+from .flow_sampling import flow_sde_step_with_logprob
+from .pipelines import (DiffusionPolicy, LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
+                        LOOPStableDiffusionXLPipeline, Trajectories, load_policy, policy_class_for)
 from .sampling import ddim_step_with_logprob
 from .trainer import LOOPTrainer
 
@@ -12,12 +14,18 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionPolicy",
     "LOOPConfig",
+    "LOOPFluxPipeline",
+    "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
+    "LOOPStableDiffusionXLPipeline",
     "LOOPTrainer",
     "PerPromptStatTracker",
     "Trajectories",
     "clipped_surrogate",
     "compute_advantages",
     "ddim_step_with_logprob",
+    "flow_sde_step_with_logprob",
     "leave_one_out_advantages",
+    "load_policy",
+    "policy_class_for",
 ]

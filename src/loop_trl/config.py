@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -30,7 +31,7 @@ class LOOPConfig:
     > Checkpoints and the Hub: ``save_freq``, ``num_checkpoint_limit``, ``resume_from``,
       ``push_to_hub``, ``hub_model_id``, ``hub_private``.
 
-    > Sampling: ``sample_num_steps``, ``sample_eta``, ``sample_guidance_scale``,
+    > Sampling: ``sample_num_steps``, ``sample_eta``, ``sample_sde_window``, ``sample_guidance_scale``,
       ``sample_batch_size``, ``sample_num_batches_per_epoch``, ``negative_prompts``,
       ``num_samples_per_prompt`` (K).
 
@@ -51,7 +52,7 @@ class LOOPConfig:
 
     > Memory: ``gradient_checkpointing``, ``offload_trajectories``.
 
-    > Faults: ``reward_error``, ``reward_max_skip_fraction``, ``max_consecutive_nonfinite_steps``.
+    > Rewards and faults: ``reward_weights``, ``async_reward_computation``, ``max_workers``, ``reward_error``, ``reward_max_skip_fraction``, ``max_consecutive_nonfinite_steps``.
 
     Batch sizes are per process. Each sampling batch of ``sample_batch_size`` images holds
     ``sample_batch_size / num_samples_per_prompt`` prompts, each drawn K times.
@@ -81,7 +82,8 @@ class LOOPConfig:
 
     # Sampling
     sample_num_steps: int = field(default=50, metadata={"help": "Number of DDIM denoising steps T per image."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (> 0): the sampler's stochasticity. Each step's log-probability needs eta > 0."})
+    sample_eta: float = field(default=1.0, metadata={"help": "The sampler's stochasticity (> 0): DDIM's eta for SD/SDXL, the flow SDE's noise level a for SD3/FLUX (Flow-GRPO uses 0.7). Each step's log-probability needs it > 0."})
+    sample_sde_window: bool = field(default=False, metadata={"help": "Sample stochastically only on the trainable steps range(sample_num_steps)[train_timestep_start:train_timestep_stop] and deterministically elsewhere (DDIM eta 0 / the Euler ODE step), as MixGRPO's SDE window and Flow-GRPO-Fast do: steps outside it carry no noise and are never trained."})
     sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale; 1.0 disables guidance."})
     sample_batch_size: int = field(default=8, metadata={"help": "Images per sampling batch per process; a multiple of num_samples_per_prompt."})
     sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per epoch per process."})
@@ -131,6 +133,9 @@ class LOOPConfig:
     offload_trajectories: bool = field(default=False, metadata={"help": "Keep each epoch's stored trajectories (latents of every step, text embeddings, images) in CPU memory and move one training minibatch at a time to the accelerator."})
 
     # Faults
+    reward_weights: Optional[Union[list, str]] = field(default=None, metadata={"help": "With several rewards (reward_function a list or dict): one weight per reward, the total being the weighted sum (JSON on the command line such as '[1.0, 0.5]'). None weighs each 1."})
+    async_reward_computation: bool = field(default=False, metadata={"help": "Score each sampling batch in a worker thread while the next batch samples (DDPO's option). Same results as scoring in turn; worth it when the reward runs elsewhere than the sampler (a CPU reward such as OCR, another GPU, a reward server)."})
+    max_workers: int = field(default=2, metadata={"help": "With async_reward_computation: worker threads that score batches."})
     reward_error: str = field(default="raise", metadata={"help": "What a failing reward does: 'raise' stops the run with a message naming the prompt and sample; 'skip_group' drops the affected prompt groups from the epoch (they get zero advantage) and logs how many."})
     reward_max_skip_fraction: float = field(default=0.5, metadata={"help": "With reward_error='skip_group': stop if more than this fraction of an epoch's prompt groups is dropped."})
     max_consecutive_nonfinite_steps: int = field(default=5, metadata={"help": "An optimizer step whose loss or gradient norm is not finite is skipped and logged; stop after this many such steps in a row."})
@@ -140,12 +145,16 @@ class LOOPConfig:
             if not condition:
                 raise ValueError(message)
 
-        if isinstance(self.train_timestep_weights, str):  # from the command line: a JSON list
-            try:
-                self.train_timestep_weights = json.loads(self.train_timestep_weights) if self.train_timestep_weights.strip() else None
-            except json.JSONDecodeError as error:
-                raise ValueError(f"train_timestep_weights must be a JSON list such as '[1, 1, 0.5]'; got "
-                                 f"{self.train_timestep_weights!r} ({error}).") from error
+        for name in ("train_timestep_weights", "reward_weights"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # from the command line: a JSON list
+                try:
+                    setattr(self, name, json.loads(value) if value.strip() else None)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name} must be a JSON list such as '[1, 1, 0.5]'; got {value!r} ({error}).") from error
+        check(self.reward_weights is None or (isinstance(self.reward_weights, list) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.reward_weights)),
+            f"reward_weights must be a list of finite numbers, got {self.reward_weights!r}.")
         for name in ("tracker_kwargs", "accelerator_kwargs", "project_kwargs"):
             value = getattr(self, name)
             if value is None:
@@ -228,6 +237,8 @@ class LOOPConfig:
               f"train_lr_scheduler must be one of {_LR_SCHEDULERS}, got {self.train_lr_scheduler!r}.")
         check(isinstance(self.train_lr_warmup_steps, int) and self.train_lr_warmup_steps >= 0,
               f"train_lr_warmup_steps must be an integer >= 0, got {self.train_lr_warmup_steps!r}.")
+        check(isinstance(self.max_workers, int) and self.max_workers >= 1,
+              f"max_workers must be an integer >= 1, got {self.max_workers!r}.")
         check(self.reward_error in ("raise", "skip_group"),
               f"reward_error must be 'raise' or 'skip_group', got {self.reward_error!r}.")
         check(0.0 <= self.reward_max_skip_fraction < 1.0,

@@ -17,36 +17,42 @@ _CARD_KEYS = ("num_samples_per_prompt", "advantage_estimator", "num_epochs", "sa
 
 def make_model_card(*, base_model: str | None, reward_name: str, config: dict[str, Any], repo_id: str | None = None,
                     use_lora: bool = True, epochs_trained: int | None = None,
-                    base_model_loader: str | None = None, example_prompt: str = "a photo of a cat") -> ModelCard:
+                    base_model_loader: str | None = None, example_prompt: str = "a photo of a cat",
+                    pipeline_class: str = "StableDiffusionPipeline", module_name: str = "unet",
+                    module_class: str = "UNet2DConditionModel", tags: list[str] | tuple[str, ...] = ("stable-diffusion",),
+                    takes_eta: bool = True) -> ModelCard:
     """A model card: base model, reward, K, the key settings, and how to load and sample the result.
 
     ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
     model that is not a Hub id or folder, such as the shapes testbed's shipped model); by default
-    the card loads ``base_model`` with ``StableDiffusionPipeline.from_pretrained``. The sampling
-    line samples ``example_prompt`` with the run's steps, guidance and eta, the settings the
-    weights were trained for.
+    the card loads ``base_model`` with ``pipeline_class.from_pretrained``. The sampling line
+    samples ``example_prompt`` with the run's steps and guidance (and eta, for pipelines that take
+    it), the settings the weights were trained for. ``module_name``/``module_class`` name the
+    trained module for full fine-tuning; a policy's ``model_card_info()`` gives all five.
     """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
     rows = "\n".join(f"| `{key}` | `{config[key]}` |" for key in _CARD_KEYS if key in config)
     if use_lora:
         load = (base_model_loader or
-                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")')
+                f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")')
         load += f'\npipe.load_lora_weights("{target}")'
     else:
-        load = f'unet = UNet2DConditionModel.from_pretrained("{target}", subfolder="unet", torch_dtype=torch.float16)\n'
-        load += (f"{base_model_loader}\npipe.unet = unet.to(pipe.device)" if base_model_loader else
-                 f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16).to("cuda")')
+        load = (f'{module_name} = {module_class}.from_pretrained("{target}", subfolder="{module_name}", '
+                f'torch_dtype=torch.bfloat16)\n')
+        load += (f"{base_model_loader}\npipe.{module_name} = {module_name}.to(pipe.device)" if base_model_loader else
+                 f'pipe = {pipeline_class}.from_pretrained("{base}", {module_name}={module_name}, torch_dtype=torch.bfloat16).to("cuda")')
+    eta = f', eta={config.get("sample_eta", 1.0)}' if takes_eta else ""
     sample = (f'image = pipe("{example_prompt}", '
               f'num_inference_steps={config.get("sample_num_steps", 50)}, '
-              f'guidance_scale={config.get("sample_guidance_scale", 5.0)}, eta={config.get("sample_eta", 1.0)}).images[0]')
+              f'guidance_scale={config.get("sample_guidance_scale", 5.0)}{eta}).images[0]')
     k = config.get("num_samples_per_prompt", "K")
     others = f"{k - 1}" if isinstance(k, int) else "K-1"
     card_data = ModelCardData(
         base_model=base_model if base_model_loader is None else None,  # metadata takes Hub ids only
         library_name="diffusers",
         license="openrail++" if base_model and "stable-diffusion-2" in base_model else None,
-        tags=["loop-trl", "text-to-image", "stable-diffusion", "reinforcement-learning", "lora" if use_lora else "full-finetune"],
+        tags=["loop-trl", "text-to-image", *tags, "reinforcement-learning", "lora" if use_lora else "full-finetune"],
         pipeline_tag="text-to-image",
     )
     content = f"""---
@@ -55,7 +61,7 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
 
 # {os.path.basename(target.rstrip('/'))}
 
-{'A LoRA adapter' if use_lora else 'A fine-tuned UNet'} for `{base}`, trained with reinforcement learning by
+{'A LoRA adapter' if use_lora else 'A fine-tuned ' + module_class} for `{base}`, trained with reinforcement learning by
 loop-trl using LOOP (leave-one-out PPO, Gupta et al. 2025,
 arXiv:2503.00897).
 
@@ -68,7 +74,7 @@ arXiv:2503.00897).
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline{', UNet2DConditionModel' if not use_lora else ''}
+from diffusers import {pipeline_class}{', ' + module_class if not use_lora else ''}
 
 {load}
 {sample}

@@ -14,11 +14,26 @@ minibatch can mix denoising steps.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from diffusers import DDIMScheduler
 
-__all__ = ["ddim_step_std", "ddim_step_with_logprob", "gaussian_log_prob"]
+__all__ = ["ddim_step", "ddim_step_std", "ddim_step_with_logprob", "gaussian_log_prob", "standard_normal"]
+
+
+def standard_normal(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise (fp32, CPU) of ``shape``, batch first.
+
+    ``generator`` is one generator for the whole batch, or a list with one per sample (as diffusers
+    pipelines accept): then sample i's noise comes from ``generator[i]`` only, so an image does not
+    depend on its batch size or position.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per sample or a single one.")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in generator])
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -69,43 +84,13 @@ def ddim_step_std(scheduler: DDIMScheduler, timestep: int | torch.Tensor, eta: f
     return _std(alpha_t, alpha_prev, eta)
 
 
-def ddim_step_with_logprob(
-    scheduler: DDIMScheduler,
-    model_output: torch.Tensor,
-    timestep: int | torch.Tensor,
-    sample: torch.Tensor,
-    eta: float = 1.0,
-    *,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    prev_sample: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step ``x_t -> x_{t-1}`` and its log-probability.
-
-    Args:
-        scheduler: a ``DDIMScheduler`` on which ``set_timesteps`` has been called.
-        model_output: the (guided) UNet output at ``(sample, timestep)``, shape (B, C, H, W).
-        timestep: the current timestep, an int or a (B,) tensor with one per sample.
-        sample: ``x_t``, shape (B, C, H, W).
-        eta: DDIM's stochasticity; must be > 0 for the log-probability to exist.
-        noise: standard normal noise (B, C, H, W) to sample with (as diffusers' ``variance_noise``).
-        generator: a generator to draw the noise from (on the CPU, so results do not depend on device).
-        prev_sample: a stored ``x_{t-1}`` to score instead of sampling a new one.
-
-    Returns:
-        ``(prev_sample, log_prob)``: ``x_{t-1}`` (B, C, H, W) and its log-probability (B,),
-        computed in fp32.
-    """
-    if eta <= 0:
-        raise ValueError(f"eta must be > 0 for a stochastic step with a log-probability, got {eta}.")
+def _ddim_mean_std(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
+                   sample: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the DDIM step's Gaussian (std 0 at eta 0), fp32."""
     if scheduler.num_inference_steps is None:
-        raise ValueError("Call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob.")
+        raise ValueError("Call scheduler.set_timesteps(num_steps) before a DDIM step.")
     if scheduler.config.thresholding:
         raise ValueError("Dynamic thresholding is not supported; set the scheduler's thresholding=False.")
-    if sum(x is not None for x in (noise, generator, prev_sample)) > 1:
-        raise ValueError("Pass at most one of noise, generator or prev_sample.")
-
-    dtype = model_output.dtype
     model_output, sample = model_output.float(), sample.float()
     alpha_t, alpha_prev = _alphas(scheduler, timestep, sample.shape[0], sample.ndim, sample.device)
     beta_t = 1 - alpha_t
@@ -128,10 +113,58 @@ def ddim_step_with_logprob(
 
     std = _std(alpha_t, alpha_prev, eta)
     mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    return mean, std
+
+
+def ddim_step(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
+              sample: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM step (eta 0) ``x_t -> x_{t-1}``, as ``DDIMScheduler.step(..., eta=0)``; fp32.
+
+    Used outside an SDE window, where steps carry no noise and no log-probability.
+    """
+    return _ddim_mean_std(scheduler, model_output, timestep, sample, 0.0)[0]
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step ``x_t -> x_{t-1}`` and its log-probability.
+
+    Args:
+        scheduler: a ``DDIMScheduler`` on which ``set_timesteps`` has been called.
+        model_output: the (guided) UNet output at ``(sample, timestep)``, shape (B, C, H, W).
+        timestep: the current timestep, an int or a (B,) tensor with one per sample.
+        sample: ``x_t``, shape (B, C, H, W).
+        eta: DDIM's stochasticity; must be > 0 for the log-probability to exist.
+        noise: standard normal noise (B, C, H, W) to sample with (as diffusers' ``variance_noise``).
+        generator: a generator to draw the noise from, or one per sample (on the CPU, so results do
+            not depend on device).
+        prev_sample: a stored ``x_{t-1}`` to score instead of sampling a new one.
+
+    Returns:
+        ``(prev_sample, log_prob)``: ``x_{t-1}`` (B, C, H, W) and its log-probability (B,),
+        computed in fp32.
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a stochastic step with a log-probability, got {eta}; "
+                         "ddim_step takes a deterministic one.")
+    if sum(x is not None for x in (noise, generator, prev_sample)) > 1:
+        raise ValueError("Pass at most one of noise, generator or prev_sample.")
+    dtype = model_output.dtype
+    sample = sample.float()
+    mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
 
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32)
+            noise = standard_normal(sample.shape, generator)
         prev_sample = mean + std * noise.to(device=sample.device, dtype=torch.float32)
     log_prob = gaussian_log_prob(prev_sample.float(), mean, std)
     return prev_sample.to(dtype), log_prob

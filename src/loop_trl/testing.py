@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-shaped pipelines for tests, examples and benchmarks.
+"""Tiny pipelines of every supported family (SD, SDXL, SD3, FLUX) for tests, examples and benchmarks.
 
 Nothing here downloads anything: the tokenizer's vocabulary is made from the 256 byte
 symbols of CLIP's byte-level BPE, and the models are built from small configs with seeded
@@ -12,10 +12,14 @@ import logging
 import os
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel)
 
-__all__ = ["build_tiny_stable_diffusion", "save_tiny_stable_diffusion", "tiny_clip_tokenizer"]
+__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_stable_diffusion", "build_tiny_stable_diffusion_3",
+           "build_tiny_stable_diffusion_xl", "save_tiny_pipeline", "save_tiny_stable_diffusion", "tiny_clip_tokenizer"]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -107,23 +111,114 @@ def build_tiny_stable_diffusion(
     )
 
 
-def save_tiny_stable_diffusion(path: str | os.PathLike, **kwargs) -> str:
-    """Build a tiny pipeline (see :func:`build_tiny_stable_diffusion`) and save it to ``path``."""
-    pipeline = build_tiny_stable_diffusion(**kwargs)
-    pipeline.save_pretrained(str(path), safe_serialization=True)
+def _tiny_text_encoder(tokenizer: CLIPTokenizer, hidden: int = 32, with_projection: bool = False):
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _tiny_t5(tokenizer: CLIPTokenizer, d_model: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=64, num_layers=1,
+                                   num_heads=2, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
+
+
+def _tiny_vae(sample_size: int, latent_channels: int = 4, **config) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                         latent_channels=latent_channels, norm_num_groups=8, sample_size=sample_size, **config)
+
+
+def build_tiny_stable_diffusion_xl(seed: int = 0, sample_size: int = 32) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-shaped pipeline: two CLIP text encoders, size-conditioned UNet."""
+    torch.manual_seed(seed)
+    tokenizer, hidden, time_dim = tiny_clip_tokenizer(), 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * hidden,  # both encoders' states, concatenated
+        attention_head_dim=8, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden,  # six size ids + the pooled projection
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(sample_size), text_encoder=_tiny_text_encoder(tokenizer, hidden), tokenizer=tokenizer,
+        text_encoder_2=_tiny_text_encoder(tokenizer, hidden, with_projection=True), tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet, scheduler=scheduler)
+
+
+def build_tiny_stable_diffusion_3(seed: int = 0, sample_size: int = 32) -> StableDiffusion3Pipeline:
+    """A randomly initialised SD3-shaped pipeline: MMDiT transformer, two CLIP encoders and a T5 encoder
+    (reading the byte-level tokenizer), flow-matching scheduler with SD3's shift of 3."""
+    torch.manual_seed(seed)
+    tokenizer, hidden = tiny_clip_tokenizer(), 32
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=2 * hidden, pooled_projection_dim=2 * hidden)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(sample_size, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_tiny_text_encoder(tokenizer, hidden, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=_tiny_text_encoder(tokenizer, hidden, with_projection=True), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_tiny_t5(tokenizer, 2 * hidden), tokenizer_3=tiny_clip_tokenizer())
+
+
+def build_tiny_flux(seed: int = 0, sample_size: int = 32) -> FluxPipeline:
+    """A randomly initialised FLUX.1-shaped pipeline: guidance-embedding transformer, CLIP and T5 encoders
+    (the T5 reads the byte-level tokenizer), flow-matching scheduler with dynamic shifting."""
+    torch.manual_seed(seed)
+    tokenizer, hidden = tiny_clip_tokenizer(), 32
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * 4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=hidden, pooled_projection_dim=hidden, axes_dims_rope=(4, 4, 8), guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_tiny_vae(sample_size, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=_tiny_text_encoder(tokenizer, hidden), tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(tokenizer, hidden), tokenizer_2=tiny_clip_tokenizer())
+
+
+#: family name -> builder of a tiny pipeline of that family (all 32 px images)
+TINY_BUILDERS = {
+    "stable-diffusion": build_tiny_stable_diffusion,
+    "stable-diffusion-xl": build_tiny_stable_diffusion_xl,
+    "stable-diffusion-3": build_tiny_stable_diffusion_3,
+    "flux": build_tiny_flux,
+}
+
+
+def save_tiny_pipeline(path: str | os.PathLike, family: str = "stable-diffusion", **kwargs) -> str:
+    """Build a tiny pipeline of ``family`` (a key of :data:`TINY_BUILDERS`) and save it to ``path``;
+    it loads with the family's ``from_pretrained`` or :func:`loop_trl.load_policy`."""
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"family must be one of {sorted(TINY_BUILDERS)}, got {family!r}.")
+    TINY_BUILDERS[family](**kwargs).save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+def save_tiny_stable_diffusion(path: str | os.PathLike, **kwargs) -> str:
+    """Build a tiny SD pipeline (see :func:`build_tiny_stable_diffusion`) and save it to ``path``."""
+    return save_tiny_pipeline(path, "stable-diffusion", **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m loop_trl.testing FOLDER``: write a tiny pipeline to try the examples offline."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random Stable-Diffusion-shaped pipeline to FOLDER.")
-    parser.add_argument("folder", help="where to save the pipeline (loads with StableDiffusionPipeline.from_pretrained)")
+    parser = argparse.ArgumentParser(description="Write a tiny random pipeline of one model family to FOLDER.")
+    parser.add_argument("folder", help="where to save the pipeline (loads with the family's from_pretrained)")
+    parser.add_argument("--family", default="stable-diffusion", choices=sorted(TINY_BUILDERS),
+                        help="model family of the pipeline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"],
+                        help="stable-diffusion only: what the UNet predicts")
     args = parser.parse_args(argv)
-    path = save_tiny_stable_diffusion(args.folder, seed=args.seed, prediction_type=args.prediction_type)
+    extra = {"prediction_type": args.prediction_type} if args.family == "stable-diffusion" else {}
+    path = save_tiny_pipeline(args.folder, args.family, seed=args.seed, **extra)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger(__name__).info(f"Tiny pipeline written to {path}")
 

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from .hub import make_model_card, upload_to_hub
 from .objective import clipped_surrogate
 from .pipelines.base import DiffusionPolicy, Trajectories
 from .prompts import PromptSource, prompt_rows
+from .rewards.base import MultiReward, component_metrics
 from .timesteps import normalized_step_weights, select_timesteps
 
 __all__ = ["LOOPTrainer"]
@@ -66,7 +68,9 @@ class LOOPTrainer:
     Args:
         config: a :class:`LOOPConfig`.
         reward_function: ``reward_function(images, prompts, prompt_metadata) -> (rewards, reward_metadata)``
-            with ``images`` a (B, 3, H, W) tensor in [0, 1] and one reward per image.
+            with ``images`` a (B, 3, H, W) tensor in [0, 1] and one reward per image; or a list or
+            ``{name: reward}`` dict of such rewards, combined as the ``reward_weights``-weighted sum
+            (:class:`loop_trl.rewards.MultiReward`), each logged as ``rewards/{name}/mean`` and ``/std``.
         prompt_function: ``prompt_function() -> (prompt, metadata)``, or a list of prompts, or a
             ``datasets.Dataset`` with a ``prompt`` column.
         sd_pipeline: the policy, e.g. a :class:`LOOPStableDiffusionPipeline`.
@@ -84,7 +88,7 @@ class LOOPTrainer:
     def __init__(
         self,
         config: LOOPConfig,
-        reward_function: RewardFunction,
+        reward_function: RewardFunction | Sequence[RewardFunction] | dict[str, RewardFunction],
         prompt_function: Callable[[], tuple[str, Any]] | Sequence[str] | Any,
         sd_pipeline: DiffusionPolicy,
         image_samples_hook: Callable[[list, int, Any], None] | None = None,
@@ -92,6 +96,11 @@ class LOOPTrainer:
     ):
         if not isinstance(config, LOOPConfig):
             raise TypeError(f"config must be a LOOPConfig, got {type(config).__name__}.")
+        if isinstance(reward_function, (list, tuple, dict)):  # several rewards: their weighted sum
+            reward_function = MultiReward(reward_function, config.reward_weights)
+        elif config.reward_weights is not None:
+            raise ValueError("reward_weights is set but reward_function is a single reward; pass a list or dict of "
+                             "rewards, or drop reward_weights.")
         if not callable(reward_function):
             raise TypeError("reward_function must be callable: reward_function(images, prompts, prompt_metadata).")
         if not isinstance(sd_pipeline, DiffusionPolicy):
@@ -101,6 +110,8 @@ class LOOPTrainer:
         self.reward_function = reward_function
         self.policy = sd_pipeline
         self.image_samples_hook = image_samples_hook
+        self._reward_pool = (ThreadPoolExecutor(config.max_workers, thread_name_prefix="loop-trl-reward")
+                             if config.async_reward_computation else None)
         self.eval_prompts = prompt_rows(eval_prompts) if eval_prompts is not None else []
         if eval_prompts is not None and not self.eval_prompts:
             raise ValueError("eval_prompts is empty; pass at least one prompt or leave it out.")
@@ -148,7 +159,7 @@ class LOOPTrainer:
         if not self.trainable_parameters:
             raise ValueError("The pipeline has no trainable parameters.")
         optimizer = self._make_optimizer()
-        self.policy.denoiser, self.optimizer = accelerator.prepare(self.policy.unet, optimizer)
+        self.policy.denoiser, self.optimizer = accelerator.prepare(self.policy.trainable_module, optimizer)
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         steps_per_epoch = config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
         # stepped by the trainer once per optimizer step that was taken; saved in checkpoints
@@ -214,6 +225,7 @@ class LOOPTrainer:
         trajectories, prompt_image_data, valid = self._sample(epoch)
         rewards = torch.cat([torch.as_tensor(batch[3]) for batch in prompt_image_data]).float()
         advantages, epoch_metrics = self._advantages(trajectories, rewards, valid)
+        epoch_metrics.update(self._reward_components(prompt_image_data))
         advantages = advantages.clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
         if self.image_samples_hook is not None and self.accelerator.is_main_process:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
@@ -271,12 +283,16 @@ class LOOPTrainer:
 
     # ------------------------------------------------------------------ the pieces of an epoch
     def _sample(self, epoch: int) -> tuple[Trajectories, list, torch.Tensor]:
-        """Sample ``sample_num_batches_per_epoch`` batches of whole prompt groups and score them."""
+        """Sample ``sample_num_batches_per_epoch`` batches of whole prompt groups and score them.
+
+        With ``async_reward_computation`` each batch is scored in a worker thread while the next
+        one samples; the results, and what a reward fault does, are the same as scoring in turn.
+        """
         config, accelerator = self.config, self.accelerator
         k = config.num_samples_per_prompt
         prompts_per_batch = config.sample_batch_size // k
         generator = _generator(config.seed, epoch, accelerator.process_index)
-        batches, prompt_image_data, valid = [], [], []
+        sampled, scores = [], []  # (trajectories, prompts, metadata) and their scores (or futures) per batch
         for batch in tqdm(range(config.sample_num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
                           disable=not accelerator.is_local_main_process):
             prompts, metadata = self.prompts.draw(prompts_per_batch, epoch, batch, config.sample_num_batches_per_epoch)
@@ -285,20 +301,29 @@ class LOOPTrainer:
             started = self._clock()
             traj = self.policy.sample(prompts, num_steps=config.sample_num_steps,
                                       guidance_scale=config.sample_guidance_scale, eta=config.sample_eta,
-                                      generator=generator, negative_prompt=config.negative_prompts)
+                                      generator=generator, negative_prompt=config.negative_prompts,
+                                      stochastic_steps=config.train_timesteps if config.sample_sde_window else None)
             # globally unique group ids: one per (epoch, batch, process, prompt)
             slot = (epoch * config.sample_num_batches_per_epoch + batch) * accelerator.num_processes + accelerator.process_index
             traj.group_ids = slot * prompts_per_batch + torch.arange(len(prompts), device=traj.group_ids.device) // k
             if config.offload_trajectories:
                 traj = traj.to("cpu")
-            sampled = self._clock()
-            rewards, reward_metadata, batch_valid = self._score(traj.images, prompts, metadata, epoch, batch)
-            self._timers["sampling"] += sampled - started
-            self._timers["reward"] += self._clock() - sampled
-            batches.append(traj)
-            valid.append(batch_valid)
-            prompt_image_data.append([traj.images, prompts, metadata, rewards, reward_metadata])
-        return Trajectories.cat(batches), prompt_image_data, torch.cat(valid)
+            done = self._clock()
+            self._timers["sampling"] += done - started
+            sampled.append((traj, prompts, metadata))
+            if self._reward_pool is not None:
+                scores.append(self._reward_pool.submit(self._score, traj.images, prompts, metadata, epoch, batch))
+            else:
+                scores.append(self._score(traj.images, prompts, metadata, epoch, batch))
+                self._timers["reward"] += self._clock() - done
+        waiting = self._clock()
+        scores = [score.result() if isinstance(score, Future) else score for score in scores]
+        if self._reward_pool is not None:  # the scoring time that sampling did not hide
+            self._timers["reward"] += self._clock() - waiting
+        prompt_image_data = [[traj.images, prompts, metadata, rewards, reward_metadata]
+                             for (traj, prompts, metadata), (rewards, reward_metadata, _) in zip(sampled, scores)]
+        valid = torch.cat([batch_valid for _, _, batch_valid in scores])
+        return Trajectories.cat([traj for traj, _, _ in sampled]), prompt_image_data, valid
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list, epoch: int,
                batch: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
@@ -334,6 +359,20 @@ class LOOPTrainer:
             logger.warning(message + " Dropping the affected prompt groups.", main_process_only=False)
         valid = finite.view(-1, k).all(dim=1).repeat_interleave(k)  # a group is kept only if all K are finite
         return torch.where(valid, values, torch.zeros_like(values)), output[1], valid
+
+    def _reward_components(self, prompt_image_data: list) -> dict[str, float]:
+        """With several rewards: each component's mean and std over every process's images (NaN skipped)."""
+        if not isinstance(self.reward_function, MultiReward):
+            return {}
+        names = list(self.reward_function.rewards)
+        rows = []
+        for images, _, _, _, reward_metadata in prompt_image_data:
+            if isinstance(reward_metadata, dict) and "rewards" in reward_metadata:
+                rows.append(torch.stack([torch.as_tensor(reward_metadata["rewards"][n], dtype=torch.float32) for n in names], 1))
+            else:  # the batch's reward call failed (skip_group): nothing scored
+                rows.append(torch.full((len(images), len(names)), float("nan")))
+        matrix = self.accelerator.gather(torch.cat(rows).to(self.accelerator.device)).cpu()
+        return component_metrics({name: matrix[:, i] for i, name in enumerate(names)})
 
     def _advantages(self, trajectories: Trajectories, rewards: torch.Tensor,
                     valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -547,14 +586,15 @@ class LOOPTrainer:
         self.policy.save_adapter(save_directory)
         example = self.eval_prompts[0][0] if self.eval_prompts else (self.prompts.rows[0][0] if self.prompts.rows else None)
         card = make_model_card(
-            base_model=getattr(self.policy, "base_model_name", None),
-            base_model_loader=getattr(self.policy, "base_model_loader", None),
+            base_model=self.policy.base_model_name,
+            base_model_loader=self.policy.base_model_loader,
             example_prompt=example or "a photo of a cat",
             reward_name=getattr(self.reward_function, "__name__", type(self.reward_function).__name__),
             config=self.config.to_dict(),
             repo_id=repo_id or save_directory,
-            use_lora=getattr(self.policy, "use_lora", True),
+            use_lora=self.policy.use_lora,
             epochs_trained=self.first_epoch,
+            **self.policy.model_card_info(),
         )
         card.save(os.path.join(save_directory, "README.md"))
 

@@ -1,6 +1,24 @@
-"""Model families behind the :class:`DiffusionPolicy` interface."""
+"""Model families behind the :class:`DiffusionPolicy` interface, and :func:`load_policy` to pick one."""
 
+from .auto import POLICY_CLASSES, load_policy, policy_class_for
 from .base import DiffusionPolicy, Trajectories
+from .diffusers_policy import DiffusersPolicy
+from .flow_matching import FlowMatchingPolicy
+from .flux import LOOPFluxPipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
+from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
+from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
 
-__all__ = ["DiffusionPolicy", "LOOPStableDiffusionPipeline", "Trajectories"]
+__all__ = [
+    "DiffusersPolicy",
+    "DiffusionPolicy",
+    "FlowMatchingPolicy",
+    "LOOPFluxPipeline",
+    "LOOPStableDiffusion3Pipeline",
+    "LOOPStableDiffusionPipeline",
+    "LOOPStableDiffusionXLPipeline",
+    "POLICY_CLASSES",
+    "Trajectories",
+    "load_policy",
+    "policy_class_for",
+]

@@ -11,26 +11,46 @@ import torch
 __all__ = ["DiffusionPolicy", "Trajectories"]
 
 
+Conditioning = dict[str, torch.Tensor]
+
+
+def _map_batched(value, fn):
+    """Apply ``fn`` to a tensor, or to every tensor of a (nested) dict; other values pass unchanged."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: _map_batched(item, fn) for key, item in value.items()}
+    return value
+
+
 @dataclass
 class Trajectories:
-    """A batch of B sampled denoising trajectories of T steps each.
+    """A batch of B sampled denoising trajectories of T steps each, for any model family.
+
+    Every tensor, and every tensor of the conditioning dicts, has the batch as its first
+    dimension, so a batch slices, concatenates and moves the same way whatever the family.
+    Scoring a stored transition needs only what is stored here (no scheduler state).
 
     Attributes:
         prompts: the B prompts (each repeated K times when sampled in groups).
-        prompt_embeds: text-encoder states, (B, L, D).
-        negative_prompt_embeds: unconditional states for guidance, (B, L, D), or None without guidance.
-        latents: x_T, ..., x_0 in the order visited, (B, T+1, C, H, W).
-        timesteps: the scheduler timestep of each step, (B, T).
+        conditioning: the model's prompt inputs, each (B, ...): ``prompt_embeds`` (B, L, D), and
+            for some families ``pooled_prompt_embeds`` (B, D'), ``add_time_ids`` (B, 6), ...
+        negative_conditioning: the same for the unconditional branch of classifier-free guidance,
+            or None without it.
+        latents: x_T, ..., x_0 in the order visited, (B, T+1, ...): (B, T+1, C, H, W) image latents,
+            or (B, T+1, N, D) packed tokens (FLUX).
+        timesteps: the model's timestep input at each step, (B, T).
         log_probs: log p(x_{t-1} | x_t) under the sampling policy, (B, T).
         images: decoded final images in [0, 1], (B, 3, H', W').
         group_ids: the prompt group of each sample, (B,).
-        guidance_scale: classifier-free guidance used when sampling.
-        eta: the DDIM stochasticity used when sampling.
+        guidance_scale: classifier-free (or, for FLUX, embedded) guidance used when sampling.
+        eta: the sampler's stochasticity: DDIM's eta, or the flow SDE's noise level ``a``.
+        sigmas: flow-matching models: the noise levels s_0 > ... > s_T visited, (B, T+1); None for DDIM.
     """
 
     prompts: list[str]
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
+    conditioning: Conditioning
+    negative_conditioning: Conditioning | None
     latents: torch.Tensor
     timesteps: torch.Tensor
     log_probs: torch.Tensor
@@ -38,6 +58,7 @@ class Trajectories:
     group_ids: torch.Tensor
     guidance_scale: float
     eta: float
+    sigmas: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -46,36 +67,62 @@ class Trajectories:
     def num_steps(self) -> int:
         return self.timesteps.shape[1]
 
-    def _tensor_fields(self) -> Iterator[str]:
+    def _batched_fields(self) -> Iterator[str]:
         for f in fields(self):
-            if isinstance(getattr(self, f.name), torch.Tensor):
+            if isinstance(getattr(self, f.name), (torch.Tensor, dict)):
                 yield f.name
 
     def __getitem__(self, index: torch.Tensor | slice | Sequence[int]) -> "Trajectories":
         """Select samples along the batch dimension."""
         if isinstance(index, slice):  # views, no copy
-            changes = {name: getattr(self, name)[index] for name in self._tensor_fields()}
-            changes["prompts"] = self.prompts[index]
-            return replace(self, **changes)
-        positions = torch.as_tensor(index).reshape(-1).tolist()
-        changes = {name: getattr(self, name)[positions] for name in self._tensor_fields()}
-        changes["prompts"] = [self.prompts[i] for i in positions]
-        return replace(self, **changes)
+            prompts = self.prompts[index]
+        else:
+            index = torch.as_tensor(index).reshape(-1).tolist()
+            prompts = [self.prompts[i] for i in index]
+        changes = {name: _map_batched(getattr(self, name), lambda t: t[index]) for name in self._batched_fields()}
+        return replace(self, prompts=prompts, **changes)
 
     def to(self, device: torch.device | str) -> "Trajectories":
-        return replace(self, **{name: getattr(self, name).to(device) for name in self._tensor_fields()})
+        return replace(self, **{name: _map_batched(getattr(self, name), lambda t: t.to(device))
+                                for name in self._batched_fields()})
 
     @staticmethod
     def cat(batches: Sequence["Trajectories"]) -> "Trajectories":
         """Concatenate batches sampled with the same settings."""
         first = batches[0]
-        changes = {name: torch.cat([getattr(b, name) for b in batches]) for name in first._tensor_fields()}
-        changes["prompts"] = [p for b in batches for p in b.prompts]
-        return replace(first, **changes)
+
+        def cat_field(values):
+            if isinstance(values[0], dict):
+                return {key: cat_field([v[key] for v in values]) for key in values[0]}
+            return torch.cat(values)
+
+        changes = {name: cat_field([getattr(b, name) for b in batches]) for name in first._batched_fields()}
+        return replace(first, prompts=[p for b in batches for p in b.prompts], **changes)
 
 
 class DiffusionPolicy(abc.ABC):
-    """What the trainer needs from a model family: sample, score, train, save."""
+    """What the trainer needs from a model family: sample, score, train, move, save.
+
+    The trainer touches a policy only through this interface. ``denoiser`` is the module that
+    training forward passes go through: the policy sets it to :attr:`trainable_module`, and the
+    trainer replaces it by its accelerate-prepared copy (e.g. DistributedDataParallel) so that
+    gradients synchronise across processes.
+    """
+
+    denoiser: torch.nn.Module
+    #: for model cards: the base model's Hub id or folder, and optional Python code that loads it as ``pipe``
+    base_model_name: str | None = None
+    base_model_loader: str | None = None
+    use_lora: bool = True
+
+    @property
+    @abc.abstractmethod
+    def trainable_module(self) -> torch.nn.Module:
+        """The module that holds the trained weights (the UNet or the transformer)."""
+
+    @abc.abstractmethod
+    def to(self, device: torch.device | str, inference_dtype: torch.dtype = torch.float32) -> "DiffusionPolicy":
+        """Move to ``device``; frozen weights in ``inference_dtype``, trainable weights in fp32."""
 
     @abc.abstractmethod
     def sample(
@@ -85,10 +132,18 @@ class DiffusionPolicy(abc.ABC):
         num_steps: int,
         guidance_scale: float,
         eta: float,
-        generator: torch.Generator,
+        generator: torch.Generator | Sequence[torch.Generator],
         negative_prompt: str | None = None,
+        stochastic_steps: Sequence[int] | None = None,
     ) -> Trajectories:
-        """Sample one trajectory per prompt, recording latents and per-step log-probabilities."""
+        """Sample one trajectory per prompt, recording latents and per-step log-probabilities.
+
+        ``generator`` is one CPU generator for the batch, or a list of one per prompt: then an
+        image depends only on its own generator, not on its batch size or position.
+        ``stochastic_steps``: the step indices that carry noise (an SDE window); the others are
+        deterministic (DDIM eta 0, or the Euler ODE step) and record a log-probability of 0, so
+        they must not be trained. None: every step is stochastic.
+        """
 
     @abc.abstractmethod
     def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
@@ -105,6 +160,13 @@ class DiffusionPolicy(abc.ABC):
     @abc.abstractmethod
     def load_adapter(self, directory: str) -> None:
         """Load weights written by :meth:`save_adapter` into the trainable model."""
+
+    def model_card_info(self) -> dict:
+        """What a model card needs to show how to load the weights: ``pipeline_class`` (the diffusers
+        pipeline), ``module_name`` and ``module_class`` (the trained module, for full fine-tuning),
+        ``tags``, and ``takes_eta`` (whether that pipeline's ``__call__`` accepts ``eta``)."""
+        return dict(pipeline_class="DiffusionPipeline", module_name="unet", module_class="UNet2DConditionModel",
+                    tags=[], takes_eta=False)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass of training forward passes (to save memory)."""

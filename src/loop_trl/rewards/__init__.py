@@ -1,9 +1,14 @@
 """Reward functions with the ``reward_function(images, prompts, prompt_metadata) -> (rewards, metadata)`` signature.
 
-``images`` is a (B, 3, H, W) float tensor in [0, 1]; ``rewards`` a (B,) tensor.
+``images`` is a (B, 3, H, W) float tensor in [0, 1]; ``rewards`` a (B,) tensor. Several rewards
+at once: pass the trainer a list or ``{name: reward}`` dict (see :class:`MultiReward`).
 """
 
 from .aesthetic import AestheticMLP, AestheticReward, AestheticScorer
+from .base import MultiReward
+from .clip import CLIPScore, PickScore
 from .jpeg import JpegCompressibility, JpegIncompressibility
+from .ocr import OCRReward
 
-__all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "JpegCompressibility", "JpegIncompressibility"]
+__all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "CLIPScore", "JpegCompressibility",
+           "JpegIncompressibility", "MultiReward", "OCRReward", "PickScore"]

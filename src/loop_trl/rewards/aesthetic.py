@@ -12,8 +12,9 @@ import os
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .base import clip_preprocess, to_image_tensor
 
 __all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "load_head_weights"]
 
@@ -86,13 +87,7 @@ class AestheticScorer(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resize the short side to ``image_size`` (bicubic), centre-crop, normalise."""
-        height, width = images.shape[-2:]
-        scale = self.image_size / min(height, width)
-        size = (max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale)))
-        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        images = images[..., top:top + self.image_size, left:left + self.image_size].clamp(0, 1)
-        return (images - self.mean) / self.std
+        return clip_preprocess(images, self.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist())
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,11 +119,5 @@ class AestheticReward:
         self.scorer.to(device)
 
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
-        from .jpeg import to_pil_images  # accept PIL images as well as tensors
-
-        if not isinstance(images, torch.Tensor):
-            import numpy as np
-
-            images = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255 for i in to_pil_images(images)])).permute(0, 3, 1, 2)
-        scores = self.scorer(images).cpu()
+        scores = self.scorer(to_image_tensor(images)).cpu()  # PIL images are accepted as well as tensors
         return scores, {}

@@ -1,0 +1,227 @@
+"""What every diffusers-backed family shares: the trained module, LoRA through peft, dtypes, saving.
+
+A family class names its diffusers pipeline class, the module it trains (``unet`` or
+``transformer``) and its default LoRA targets, and implements sampling and scoring; this
+class does the rest the same way for every family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Sequence
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .base import DiffusionPolicy
+
+__all__ = ["DiffusersPolicy", "LORA_WEIGHT_NAME"]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class DiffusersPolicy(DiffusionPolicy):
+    """A diffusers pipeline whose ``module_name`` component (UNet or transformer) is trained.
+
+    With ``use_lora=True`` a peft LoRA adapter is added to that module's ``lora_target_modules``
+    and only it is trained; otherwise every weight of the module is. Trainable weights stay fp32
+    whatever the inference dtype; every other component is frozen.
+
+    Args:
+        pipeline: a loaded pipeline of the family's ``pipeline_class``. Its trained module must not
+            already carry a LoRA adapter: fuse it first (``pipeline.fuse_lora();
+            pipeline.unload_lora_weights()``) or pass its folder as ``adapter`` to keep training it.
+        use_lora: train a LoRA adapter (True) or the whole module (False).
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha; the update is scaled by alpha / r. Defaults to ``lora_rank``.
+        lora_target_modules: names of the modules that get LoRA layers (default: the family's,
+            as diffusers' LoRA training scripts use).
+        adapter: a folder or Hub id with a LoRA adapter (``pytorch_lora_weights.safetensors``)
+            to start from instead of a new one.
+        lora_seed: seed of the new adapter's random initial A matrices (B starts at zero, so the
+            adapter starts as a no-op whatever the seed).
+        resolution: image height and width in pixels (default: the pipeline's own default).
+    """
+
+    #: the diffusers pipeline class of the family (set by each family)
+    pipeline_class: type
+    #: the pipeline component that is trained
+    module_name: str = "unet"
+    #: LoRA target modules used when none are given
+    default_lora_target_modules: tuple[str, ...] = ()
+    #: model-card tags of the family
+    tags: tuple[str, ...] = ()
+    #: extra keyword arguments of ``pipeline_class.from_pretrained``
+    from_pretrained_kwargs: dict = {}
+
+    def __init__(
+        self,
+        pipeline,
+        *,
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: int | None = None,
+        lora_target_modules: Sequence[str] | None = None,
+        adapter: str | None = None,
+        lora_seed: int = 0,
+        resolution: int | None = None,
+    ):
+        if not isinstance(pipeline, self.pipeline_class):
+            raise TypeError(f"pipeline must be a diffusers {self.pipeline_class.__name__}, got {type(pipeline).__name__}. "
+                            "loop_trl.load_policy(name_or_path) picks the right policy for a checkpoint.")
+        module = getattr(pipeline, self.module_name)
+        if getattr(module, "peft_config", None):
+            raise ValueError(
+                f"The pipeline's {self.module_name} already carries a LoRA adapter; training would stack a second one "
+                "on it. Fuse it into the base weights first (pipeline.fuse_lora(); pipeline.unload_lora_weights()), "
+                "or load the base model and pass the adapter's folder as adapter=... to keep training it."
+            )
+        if lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {lora_rank}.")
+        self.pipeline = pipeline
+        if resolution is not None and (resolution < 1 or resolution % self.resolution_multiple):
+            raise ValueError(f"resolution must be a positive multiple of {self.resolution_multiple} for "
+                             f"{type(self).__name__}, got {resolution}.")
+        self.use_lora = use_lora
+        self.base_model_name = pipeline.name_or_path or None
+        self.base_model_loader = None
+        self.inference_dtype = torch.float32
+        self.resolution = resolution or self.default_resolution
+        self._setup_scheduler()
+
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
+        module.requires_grad_(not use_lora)
+        if use_lora:
+            # peft draws the initial A matrices from torch's global RNG; seed them so a run repeats
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(lora_seed)
+                module.add_adapter(LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha or lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(lora_target_modules or self.default_lora_target_modules),
+                ))
+        if adapter is not None:
+            self.load_adapter(adapter)
+        pipeline.set_progress_bar_config(disable=True)
+        self.denoiser = module
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, revision: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> "DiffusersPolicy":
+        """Load a checkpoint of the family (Hub id or folder) and wrap it.
+
+        ``torch_dtype`` is the dtype the weights load in (default fp32; bf16 halves the memory of
+        a large model while loading; trainable weights are fp32 either way). ``kwargs`` are the
+        constructor's (``use_lora``, ``lora_rank``, ``lora_alpha``, ``lora_target_modules``,
+        ``adapter``, ``lora_seed``, ``resolution``, and the family's own).
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(f"{path!r} holds a LoRA adapter, not a base model. Pass the base model and adapter={path!r}.")
+        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        pipeline = cls.pipeline_class.from_pretrained(path, revision=revision, **dtype, **cls.from_pretrained_kwargs)
+        return cls(pipeline, **kwargs)
+
+    # ------------------------------------------------------------------ hooks of the families
+    #: the resolution must be a multiple of this (the VAE's downsampling, times FLUX's 2x2 packing)
+    @property
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    @property
+    def default_resolution(self) -> int:
+        raise NotImplementedError
+
+    def _setup_scheduler(self) -> None:
+        """Check or replace the pipeline's scheduler for sampling with log-probabilities."""
+
+    # ------------------------------------------------------------------ the interface
+    @property
+    def trainable_module(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.module_name)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The trained module (named ``unet`` for the UNet families; kept for older code)."""
+        return self.trainable_module
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainable_module.device
+
+    def to(self, device: torch.device | str, inference_dtype: torch.dtype = torch.float32) -> "DiffusersPolicy":
+        """Move to ``device``; frozen weights in ``inference_dtype`` (a VAE that asks for fp32 decoding,
+        as SDXL's does, stays fp32 under fp16), trainable weights always fp32."""
+        self.inference_dtype = inference_dtype
+        for name, component in self.pipeline.components.items():
+            if not isinstance(component, torch.nn.Module) or name == self.module_name:
+                continue
+            dtype = inference_dtype
+            if name == "vae" and inference_dtype == torch.float16 and component.config.get("force_upcast", False):
+                dtype = torch.float32
+            component.to(device=device, dtype=dtype)
+        module = self.trainable_module.to(device)
+        for param in module.parameters():
+            param.data = param.data.to(torch.float32 if param.requires_grad else inference_dtype)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.trainable_module.enable_gradient_checkpointing()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.trainable_module.parameters() if p.requires_grad]
+
+    def model_card_info(self) -> dict:
+        return dict(pipeline_class=self.pipeline_class.__name__, module_name=self.module_name,
+                    module_class=type(self.trainable_module).__name__, tags=list(self.tags),
+                    takes_eta="eta" in inspect.signature(self.pipeline_class.__call__).parameters)
+
+    def _autocast(self):
+        """Autocast to the inference dtype for forward passes (none in fp32)."""
+        if self.inference_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.inference_dtype)
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_adapter(self, save_directory: str) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors`` in diffusers format (for ``load_lora_weights``).
+        Full fine-tuning: the module in ``save_directory/<module_name>``."""
+        os.makedirs(save_directory, exist_ok=True)
+        module = self.trainable_module
+        if not self.use_lora:
+            module.save_pretrained(os.path.join(save_directory, self.module_name), safe_serialization=True)
+            return
+        layers = get_peft_model_state_dict(module)
+        if self.module_name == "unet":  # UNet adapters use diffusers' key names, transformer adapters peft's
+            layers = convert_state_dict_to_diffusers(layers)  # (as diffusers' LoRA training scripts save them)
+        self.pipeline_class.save_lora_weights(save_directory, **{f"{self.module_name}_lora_layers": layers},
+                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+
+    def load_adapter(self, directory: str) -> None:
+        """Load weights written by :meth:`save_adapter` (a folder or, for LoRA, a Hub id)."""
+        module = self.trainable_module
+        if not self.use_lora:
+            loaded = type(module).from_pretrained(directory, subfolder=self.module_name, use_safetensors=True)
+            module.load_state_dict(loaded.state_dict())
+            return
+        state_dict = self.pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
+        if isinstance(state_dict, tuple):  # (state_dict, network_alphas) for the UNet families
+            state_dict = state_dict[0]
+        prefix = f"{self.module_name}."
+        module_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not module_state:
+            raise ValueError(f"No {self.module_name} LoRA weights found in {directory!r}.")
+        result = set_peft_model_state_dict(module, convert_unet_state_dict_to_peft(module_state), adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(
+                f"The adapter in {directory!r} does not fit this {self.module_name}'s LoRA layers (unexpected keys such "
+                f"as {unexpected[0]!r}); check lora_target_modules and lora_rank."
+            )

@@ -1,0 +1,131 @@
+"""The sampling and scoring loop shared by rectified-flow transformers (SD3/3.5, FLUX.1).
+
+A family supplies four small pieces: prompt conditioning, the initial noise, the sigma
+schedule, and one velocity prediction; this class runs the stochastic SDE sampler with
+log-probabilities (:mod:`loop_trl.flow_sampling`) and re-scores stored transitions from the
+sigmas the trajectories store.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from ..flow_sampling import flow_ode_step, flow_sde_step_with_logprob
+from .base import Conditioning, Trajectories
+from .diffusers_policy import DiffusersPolicy
+
+__all__ = ["FlowMatchingPolicy"]
+
+
+class FlowMatchingPolicy(DiffusersPolicy):
+    """A rectified-flow transformer trained with the flow SDE sampler (Flow-GRPO's step).
+
+    The ``eta`` of the trainer's config (``sample_eta``) is the SDE's noise level ``a``
+    (Flow-GRPO uses 0.7). Images are sampled at ``resolution`` pixels square.
+    """
+
+    module_name = "transformer"
+
+    def _setup_scheduler(self) -> None:
+        if not isinstance(self.pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(f"{type(self).__name__} samples with the flow-matching SDE and needs the pipeline's "
+                            f"FlowMatchEulerDiscreteScheduler (for its sigma schedule), got "
+                            f"{type(self.pipeline.scheduler).__name__}.")
+
+    # ------------------------------------------------------------------ family hooks
+    @abc.abstractmethod
+    def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
+        """Prompt conditioning and, with classifier-free guidance, the unconditional one; tensors (B, ...)."""
+
+    @abc.abstractmethod
+    def _initial_noise(self, batch: int, generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+        """x at sigma 1: standard normal latents in the transformer's input layout, fp32 on the CPU."""
+
+    @abc.abstractmethod
+    def _velocity(self, transformer: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+                  cond: Conditioning, uncond: Conditioning | None, guidance_scale: float) -> torch.Tensor:
+        """The (guided) velocity prediction (fp32) for latents at sigmas (B,)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents to images (B, 3, H, W) in [0, 1], fp32."""
+
+    def _sigmas(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """The T+1 noise levels of a ``num_steps`` schedule, from 1 down to 0 (resolution-shifted as the pipeline does)."""
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(num_steps, device="cpu", **self._shift_kwargs(latents))
+        return scheduler.sigmas.float().clone()
+
+    def _shift_kwargs(self, latents: torch.Tensor) -> dict:
+        """Extra arguments of ``scheduler.set_timesteps`` (``mu`` for dynamic shifting)."""
+        return {}
+
+    # ------------------------------------------------------------------ sampling and scoring
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        eta: float,
+        generator: torch.Generator | Sequence[torch.Generator],
+        negative_prompt: str | None = None,
+        stochastic_steps: Sequence[int] | None = None,
+    ) -> Trajectories:
+        """Sample one image per prompt with the flow SDE (noise level ``eta``), recording log-probabilities.
+
+        All noise comes from ``generator`` (a CPU generator), so a seed fixes the result on any device.
+        Steps outside ``stochastic_steps`` (all steps when None) are Euler ODE steps with log-prob 0.
+        """
+        device, transformer = self.device, self.trainable_module
+        transformer.eval()  # the trainer puts it back in training mode for its passes
+        prompts = list(prompts)
+        cond, uncond = self._encode(prompts, guidance_scale > 1.0, negative_prompt)
+        latents = self._initial_noise(len(prompts), generator).to(device)
+        sigmas = self._sigmas(num_steps, latents).to(device)
+        batch_sigmas = sigmas.unsqueeze(0).expand(len(prompts), -1)
+        all_latents, all_log_probs = [latents], []
+        for i in range(num_steps):
+            velocity = self._velocity(transformer, latents, batch_sigmas[:, i], cond, uncond, guidance_scale)
+            if stochastic_steps is None or i in stochastic_steps:
+                step = flow_sde_step_with_logprob(velocity, batch_sigmas[:, i], batch_sigmas[:, i + 1], latents, eta,
+                                                  generator=generator)
+                latents, log_prob = step.prev_sample, step.log_prob
+            else:
+                latents = flow_ode_step(velocity, batch_sigmas[:, i], batch_sigmas[:, i + 1], latents)
+                log_prob = torch.zeros(len(prompts), device=device)
+            all_latents.append(latents)
+            all_log_probs.append(log_prob)
+        return Trajectories(
+            prompts=prompts,
+            conditioning=cond,
+            negative_conditioning=uncond,
+            latents=torch.stack(all_latents, dim=1),
+            timesteps=batch_sigmas[:, :-1] * self.pipeline.scheduler.config.num_train_timesteps,
+            log_probs=torch.stack(all_log_probs, dim=1),
+            images=self.decode(latents),
+            group_ids=torch.arange(len(prompts), device=device),
+            guidance_scale=guidance_scale,
+            eta=eta,
+            sigmas=batch_sigmas.clone(),
+        )
+
+    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
+        """Log-probability (B,) of ``latents[:, step] -> latents[:, step + 1]`` under the current transformer.
+
+        A pure function of the stored latents, sigmas and conditioning; gradients flow to the
+        trainable weights through ``self.denoiser``.
+        """
+        traj = trajectories
+        rows = torch.arange(len(traj), device=traj.latents.device)
+        step = torch.as_tensor(step, device=traj.latents.device).long().expand(len(traj))
+        sigma, sigma_next = traj.sigmas[rows, step], traj.sigmas[rows, step + 1]
+        latents, next_latents = traj.latents[rows, step], traj.latents[rows, step + 1]
+        scale = traj.guidance_scale if guidance_scale is None else guidance_scale
+        velocity = self._velocity(self.denoiser, latents, sigma, traj.conditioning, traj.negative_conditioning, scale)
+        return flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, prev_sample=next_latents).log_prob

@@ -1,0 +1,200 @@
+"""Conformance of every model family behind the policy interface (tiny pipelines, CPU, no network).
+
+Each family passes the same checks: it loads through ``load_policy`` from a saved folder,
+re-scoring its stored transitions reproduces the sampling log-probs, trajectories slice and
+reorder without changing a score, gradients reach every LoRA matrix, the trainer runs an epoch
+on it unchanged, and the adapter it saves reproduces its images in the plain diffusers pipeline.
+"""
+
+import os
+
+import pytest
+import torch
+
+from loop_trl import LOOPConfig, LOOPTrainer, load_policy
+from loop_trl.pipelines import (LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
+                                LOOPStableDiffusionXLPipeline, Trajectories)
+from loop_trl.rewards import JpegCompressibility
+from loop_trl.testing import save_tiny_pipeline
+
+FAMILIES = {
+    "stable-diffusion": LOOPStableDiffusionPipeline,
+    "stable-diffusion-xl": LOOPStableDiffusionXLPipeline,
+    "stable-diffusion-3": LOOPStableDiffusion3Pipeline,
+    "flux": LOOPFluxPipeline,
+}
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: save_tiny_pipeline(root / family, family) for family in FAMILIES}
+
+
+def policy_kwargs(family: str) -> dict:
+    kwargs = dict(resolution=32, lora_rank=4)
+    if family in ("stable-diffusion-3", "flux"):
+        kwargs["max_sequence_length"] = 16
+    return kwargs
+
+
+def eta_for(family: str) -> float:
+    return 0.7 if family in ("stable-diffusion-3", "flux") else 1.0
+
+
+def sample(policy, family, prompts=PROMPTS, seed=0, guidance=3.0) -> Trajectories:
+    return policy.sample(prompts, num_steps=3, guidance_scale=guidance, eta=eta_for(family),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_loads_samples_and_rescoring_is_on_policy(family, tiny_paths):
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+    assert type(policy) is FAMILIES[family]
+    traj = sample(policy, family)
+    assert traj.images.shape == (2, 3, 32, 32) and traj.log_probs.shape == (2, 3)
+    assert traj.latents.shape[:2] == (2, 4) and torch.isfinite(traj.log_probs).all()
+    assert all(v.shape[0] == 2 for v in traj.conditioning.values())
+    torch.testing.assert_close(sample(policy, family).latents, traj.latents, rtol=0, atol=0)  # a seed fixes it
+    assert not torch.equal(sample(policy, family, seed=1).latents, traj.latents)
+
+    rescored = torch.stack([policy.log_prob(traj, j) for j in range(3)], dim=1)
+    assert (rescored - traj.log_probs).abs().max() < 1e-5
+    # mixed step indices in one call, on a reordered and re-concatenated batch
+    shuffled = Trajectories.cat([traj[[1]], traj[[0]]])
+    mixed = policy.log_prob(shuffled, torch.tensor([2, 0]))
+    torch.testing.assert_close(mixed, torch.stack([traj.log_probs[1, 2], traj.log_probs[0, 0]]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_every_lora_matrix(family, tiny_paths):
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+    named = {n: p for n, p in policy.trainable_module.named_parameters() if p.requires_grad}
+    assert named and all("lora_" in n for n in named) and all(p.dtype == torch.float32 for p in named.values())
+    with torch.no_grad():  # B starts at zero (so A gets no gradient): move it off zero first
+        for n, p in named.items():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    traj = sample(policy, family)
+    policy.log_prob(traj, 1).sum().backward()
+    missing = [n for n, p in named.items() if p.grad is None or p.grad.abs().max() == 0]
+    if family == "stable-diffusion-3":  # SD3's last block drops its text stream: its text queries reach nothing
+        last = len(policy.trainable_module.transformer_blocks) - 1
+        missing = [n for n in missing if not n.startswith(f"transformer_blocks.{last}.attn.add_q_proj.")]
+    assert not missing, missing[:3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_trainer_runs_each_family_unchanged(family, tiny_paths, tmp_path):
+    config = LOOPConfig(num_epochs=1, sample_num_steps=3, sample_batch_size=4, sample_num_batches_per_epoch=1,
+                        num_samples_per_prompt=2, train_batch_size=4, mixed_precision="no", sample_guidance_scale=2.0,
+                        sample_eta=eta_for(family), train_learning_rate=1e-2, output_dir=str(tmp_path / "run"), seed=0,
+                        # the flow families with an SDE window over steps 1-2 (Flow-GRPO-Fast / MixGRPO style)
+                        sample_sde_window=family in ("stable-diffusion-3", "flux"), train_timestep_start=1)
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+    trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, policy)
+    before = [p.detach().clone() for p in trainer.trainable_parameters]
+    trainer.step(0, 0)
+    assert trainer.last_metrics["onpolicy_max_abs_logratio"] < 1e-5
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.trainable_parameters))
+    out = tmp_path / "adapter"
+    trainer.save_pretrained(str(out))
+    card = (out / "README.md").read_text()
+    pipeline_class = FAMILIES[family].pipeline_class.__name__
+    assert f"{pipeline_class}.from_pretrained" in card and f"from diffusers import {pipeline_class}" in card
+    assert ("eta=" in card) == (family in ("stable-diffusion", "stable-diffusion-xl"))  # the flow pipelines take no eta
+
+
+def _generate(pipe, family):
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt", height=32, width=32,
+                  generator=torch.Generator().manual_seed(0))
+    if family in ("stable-diffusion-3", "flux"):
+        kwargs["max_sequence_length"] = 16
+    return pipe("a red circle", **kwargs).images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_adapter_reproduces_the_images_in_plain_diffusers(family, tiny_paths, tmp_path):
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+    with torch.no_grad():  # stands in for training: a LoRA that changes the output
+        for n, p in policy.trainable_module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    policy.save_adapter(str(tmp_path / "adapter"))
+    assert os.listdir(tmp_path / "adapter") == ["pytorch_lora_weights.safetensors"]
+
+    pipeline_class = FAMILIES[family].pipeline_class
+    fresh = pipeline_class.from_pretrained(tiny_paths[family])
+    fresh.scheduler = type(policy.pipeline.scheduler).from_config(policy.pipeline.scheduler.config)
+    base = _generate(fresh, family)
+    fresh.load_lora_weights(str(tmp_path / "adapter"))
+    trained = _generate(policy.pipeline, family)
+    torch.testing.assert_close(_generate(fresh, family), trained, atol=1e-5, rtol=0)
+    assert (base - trained).abs().max() > 1e-3
+
+    continued = load_policy(tiny_paths[family], adapter=str(tmp_path / "adapter"), **policy_kwargs(family))
+    torch.testing.assert_close(_generate(continued.pipeline, family), trained, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["stable-diffusion-3", "flux"])
+def test_full_finetuning_of_a_transformer_saves_and_loads(family, tiny_paths, tmp_path):
+    policy = load_policy(tiny_paths[family], use_lora=False, **policy_kwargs(family))
+    params = policy.trainable_parameters()
+    assert len(params) == len(list(policy.trainable_module.parameters()))
+    with torch.no_grad():
+        params[0].add_(1.0)
+    policy.save_adapter(str(tmp_path / "full"))
+    assert os.path.isfile(tmp_path / "full" / "transformer" / "config.json")
+    reloaded = load_policy(tiny_paths[family], use_lora=False, **policy_kwargs(family))
+    reloaded.load_adapter(str(tmp_path / "full"))
+    torch.testing.assert_close(reloaded.trainable_parameters()[0], params[0])
+
+
+def test_load_policy_names_what_it_supports(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match="is a KandinskyPipeline; loop-trl trains StableDiffusionPipeline"):
+        load_policy(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no model_index.json"):
+        load_policy(str(tmp_path / "empty"))
+
+
+def test_flux_refuses_a_negative_prompt_and_a_wrong_resolution(tiny_paths):
+    policy = load_policy(tiny_paths["flux"], **policy_kwargs("flux"))
+    with pytest.raises(ValueError, match="no negative prompt"):
+        policy.sample(PROMPTS, num_steps=2, guidance_scale=3.0, eta=0.7, generator=torch.Generator(),
+                      negative_prompt="blurry")
+    with pytest.raises(ValueError, match="resolution must be a positive multiple of 4"):
+        load_policy(tiny_paths["flux"], resolution=30)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sde_window_samples_deterministically_outside_it(family, tiny_paths):
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+
+    def run(window):
+        return policy.sample(PROMPTS, num_steps=3, guidance_scale=3.0, eta=eta_for(family),
+                             generator=torch.Generator().manual_seed(0), stochastic_steps=window)
+
+    window, none = run([1]), run([])
+    assert (window.log_probs[:, [0, 2]] == 0).all() and (window.log_probs[:, 1] != 0).all()
+    assert (none.log_probs == 0).all()
+    torch.testing.assert_close(window.latents[:, :2], none.latents[:, :2], rtol=0, atol=0)  # same noise, step 0 deterministic
+    assert not torch.allclose(window.latents[:, 2], none.latents[:, 2])  # step 1 adds noise
+    assert (policy.log_prob(window, 1) - window.log_probs[:, 1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_one_generator_per_sample_an_image_does_not_depend_on_its_batch(family, tiny_paths):
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+
+    def run(prompts, seeds):
+        return policy.sample(prompts, num_steps=3, guidance_scale=3.0, eta=eta_for(family),
+                             generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    pair, alone = run(PROMPTS, [5, 7]), run(PROMPTS[1:], [7])
+    torch.testing.assert_close(alone.latents[0], pair.latents[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone.log_probs[0], pair.log_probs[1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        run(PROMPTS, [1, 2, 3])
