@@ -94,3 +94,15 @@ def test_compare_trl_tiny(tmp_path):
     assert anchor["versions"]["trl"] == "0.23.1"
     assert all(e["time_sampling_s"] > 0 and e["time_training_s"] > 0 for e in anchor["epochs"])  # TRL's epoch, in parts
     assert 0.0 <= anchor["evals"][0]["overall"] <= 1.0  # TRL's adapter loaded into loop-trl and evaluated
+
+
+@pytest.mark.slow
+def test_async_rewards_benchmark_runs_tiny(tmp_path):
+    out = run(os.path.join(BENCH, "async_rewards.py"), "--output_dir", str(tmp_path), "--epochs", "1",
+              "--images_per_epoch", "16", "--sample_batch_size", "8", "--train_batch_size", "8", "--num_steps", "3",
+              "--latency", "0.2", "--rewards", "remote", cwd=tmp_path)
+    assert "ratio" in out.stdout
+    with open(tmp_path / "async_rewards.json") as f:
+        results = json.load(f)["results"]
+    assert set(results) == {"verifier + 0.2 s latency"}
+    assert all(row["async"]["epoch_s"] > 0 and row["in_turn"]["epoch_s"] > 0 for row in results.values())

@@ -166,7 +166,9 @@ class DiffusersPolicy(DiffusionPolicy):
             dtype = inference_dtype
             if name == "vae" and inference_dtype == torch.float16 and component.config.get("force_upcast", False):
                 dtype = torch.float32
-            component.to(device=device, dtype=dtype)
+            component.to(device)
+            if getattr(component, "dtype", dtype) != dtype:
+                component.to(dtype=dtype)
         module = self.trainable_module.to(device)
         for param in module.parameters():
             param.data = param.data.to(torch.float32 if param.requires_grad else inference_dtype)
