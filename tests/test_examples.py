@@ -46,6 +46,12 @@ def test_mixed_precision_full_finetune_keeps_trainable_weights_fp32(tmp_path):
     assert any(not torch.equal(saved[k], base[k]) for k in base)  # the full UNet was trained
 
 
+def test_importing_the_package_is_quiet():
+    result = subprocess.run([sys.executable, "-c", "import loop_trl, loop_trl.rewards"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
+
+
 def test_config_reference_is_up_to_date():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "make_config_reference.py"), "--check"],
                             capture_output=True, text=True)

@@ -1,5 +1,19 @@
 """loop-trl: reinforcement learning for text-to-image diffusion models with LOOP (leave-one-out PPO)."""
 
+import logging as _logging
+
+
+class _NoTorchvisionFallbackNotice(_logging.Filter):
+    """transformers 5 warns, on import, that the CLIP and SigLIP image processors fall back to their PIL
+    versions without torchvision; diffusers imports them for a safety checker loop-trl never builds, and the
+    PIL versions are what loop-trl's rewards want. Drop exactly that notice so importing stays quiet."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
+
 from .advantages import PerPromptStatTracker, compute_advantages, leave_one_out_advantages
 from .config import LOOPConfig
 from .objective import clipped_surrogate

@@ -9,6 +9,8 @@ from .base import MultiReward
 from .clip import CLIPScore, PickScore
 from .jpeg import JpegCompressibility, JpegIncompressibility
 from .ocr import OCRReward
+from .remote import RemoteReward
 
 __all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "CLIPScore", "JpegCompressibility",
-           "JpegIncompressibility", "MultiReward", "OCRReward", "PickScore"]
+           "JpegIncompressibility", "MultiReward", "OCRReward", "PickScore",
+           "RemoteReward"]
