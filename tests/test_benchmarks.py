@@ -99,7 +99,7 @@ def test_compare_trl_tiny(tmp_path):
 @pytest.mark.slow
 def test_async_rewards_benchmark_runs_tiny(tmp_path):
     out = run(os.path.join(BENCH, "async_rewards.py"), "--output_dir", str(tmp_path), "--epochs", "1",
-              "--images_per_epoch", "16", "--sample_batch_size", "8", "--train_batch_size", "8", "--num_steps", "3",
+              "--images_per_epoch", "8", "--sample_batch_size", "8", "--train_batch_size", "8", "--num_steps", "3",
               "--latency", "0.2", "--rewards", "remote", cwd=tmp_path)
     assert "ratio" in out.stdout
     with open(tmp_path / "async_rewards.json") as f:

@@ -33,8 +33,9 @@ class Trajectories:
 
     Attributes:
         prompts: the B prompts (each repeated K times when sampled in groups).
-        conditioning: the model's prompt inputs, each (B, ...): ``prompt_embeds`` (B, L, D), and
-            for some families ``pooled_prompt_embeds`` (B, D'), ``add_time_ids`` (B, 6), ...
+        conditioning: the model's prompt inputs, each (B, ...): ``prompt_embeds`` (B, L, D), and per
+            family ``text_embeds`` (B, D') and ``time_ids`` (B, 6) for SDXL, ``pooled_prompt_embeds``
+            (B, D') for SD3 and FLUX.
         negative_conditioning: the same for the unconditional branch of classifier-free guidance,
             or None without it.
         latents: x_T, ..., x_0 in the order visited, (B, T+1, ...): (B, T+1, C, H, W) image latents,
