@@ -302,7 +302,7 @@ class LOOPTrainer:
             traj = self.policy.sample(prompts, num_steps=config.sample_num_steps,
                                       guidance_scale=config.sample_guidance_scale, eta=config.sample_eta,
                                       generator=generator, negative_prompt=config.negative_prompts,
-                                      stochastic_steps=config.train_timesteps if config.sample_sde_window else None)
+                                      stochastic_steps=self.train_steps if config.sample_sde_window else None)
             # globally unique group ids: one per (epoch, batch, process, prompt)
             slot = (epoch * config.sample_num_batches_per_epoch + batch) * accelerator.num_processes + accelerator.process_index
             traj.group_ids = slot * prompts_per_batch + torch.arange(len(prompts), device=traj.group_ids.device) // k

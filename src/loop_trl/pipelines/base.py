@@ -68,6 +68,13 @@ class Trajectories:
     def num_steps(self) -> int:
         return self.timesteps.shape[1]
 
+    def transition(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored transition at step index ``step`` (an int or one per sample): ``(step, x, x_next)``
+        with ``step`` as a (B,) long tensor and the latents before and after it."""
+        rows = torch.arange(len(self), device=self.latents.device)
+        step = torch.as_tensor(step, device=self.latents.device).long().expand(len(self))
+        return step, self.latents[rows, step], self.latents[rows, step + 1]
+
     def _batched_fields(self) -> Iterator[str]:
         for f in fields(self):
             if isinstance(getattr(self, f.name), (torch.Tensor, dict)):

@@ -185,6 +185,21 @@ class DiffusersPolicy(DiffusionPolicy):
                     module_class=type(self.trainable_module).__name__, tags=list(self.tags),
                     takes_eta="eta" in inspect.signature(self.pipeline_class.__call__).parameters)
 
+    def _guided(self, forward, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict, uncond: dict | None,
+                guidance_scale: float) -> torch.Tensor:
+        """``forward(latents, timesteps, cond)`` under autocast, in fp32; with classifier-free guidance
+        (``guidance_scale > 1`` and an unconditional branch) once on the doubled batch, then combined."""
+        guided = guidance_scale > 1.0 and uncond is not None
+        if guided:  # unconditional first, as diffusers does
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+            cond = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+        with self._autocast():
+            output = forward(latents, timesteps, cond).float()
+        if not guided:
+            return output
+        uncond_out, cond_out = output.chunk(2)
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
+
     def _autocast(self):
         """Autocast to the inference dtype for forward passes (none in fp32)."""
         if self.inference_dtype == torch.float32:

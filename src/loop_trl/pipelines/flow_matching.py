@@ -122,10 +122,9 @@ class FlowMatchingPolicy(DiffusersPolicy):
         trainable weights through ``self.denoiser``.
         """
         traj = trajectories
-        rows = torch.arange(len(traj), device=traj.latents.device)
-        step = torch.as_tensor(step, device=traj.latents.device).long().expand(len(traj))
-        sigma, sigma_next = traj.sigmas[rows, step], traj.sigmas[rows, step + 1]
-        latents, next_latents = traj.latents[rows, step], traj.latents[rows, step + 1]
+        step, latents, next_latents = traj.transition(step)
+        sigma = traj.sigmas.gather(1, step[:, None]).squeeze(1)
+        sigma_next = traj.sigmas.gather(1, step[:, None] + 1).squeeze(1)
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
         velocity = self._velocity(self.denoiser, latents, sigma, traj.conditioning, traj.negative_conditioning, scale)
         return flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, prev_sample=next_latents).log_prob

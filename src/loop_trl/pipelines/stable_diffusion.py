@@ -19,11 +19,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def cat_conditioning(first: Conditioning, second: Conditioning) -> Conditioning:
-    """Stack two conditioning dicts along the batch (unconditional first, as diffusers does for guidance)."""
-    return {key: torch.cat([first[key], second[key]]) for key in first}
-
-
 class LOOPStableDiffusionPipeline(DiffusersPolicy):
     """Wraps a diffusers ``StableDiffusionPipeline`` for RL fine-tuning of its UNet.
 
@@ -68,16 +63,8 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
     def _predict_noise(self, unet, latents, timesteps, cond: Conditioning, uncond: Conditioning | None,
                        guidance_scale: float) -> torch.Tensor:
         """The (guided) UNet output for latents (B, C, H, W) at timesteps (B,)."""
-        guided = guidance_scale > 1.0 and uncond is not None
-        if guided:
-            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
-            cond = cat_conditioning(uncond, cond)
-        with self._autocast():
-            output = unet(latents, timesteps, **self._unet_kwargs(cond), return_dict=False)[0].float()
-        if guided:
-            uncond_out, cond_out = output.chunk(2)
-            output = uncond_out + guidance_scale * (cond_out - uncond_out)
-        return output
+        return self._guided(lambda x, t, c: unet(x, t, **self._unet_kwargs(c), return_dict=False)[0],
+                            latents, timesteps, cond, uncond, guidance_scale)
 
     @torch.no_grad()
     def sample(
@@ -146,10 +133,8 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         scheduler = self.pipeline.scheduler
         if scheduler.num_inference_steps != traj.num_steps:
             scheduler.set_timesteps(traj.num_steps, device=self.device)
-        rows = torch.arange(len(traj), device=traj.latents.device)
-        step = torch.as_tensor(step, device=traj.latents.device).long().expand(len(traj))
-        timesteps = traj.timesteps[rows, step]
-        latents, next_latents = traj.latents[rows, step], traj.latents[rows, step + 1]
+        step, latents, next_latents = traj.transition(step)
+        timesteps = traj.timesteps.gather(1, step[:, None]).squeeze(1)
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
         noise_pred = self._predict_noise(self.denoiser, latents, timesteps, traj.conditioning,
                                          traj.negative_conditioning, scale)

@@ -8,7 +8,6 @@ from diffusers import StableDiffusion3Pipeline
 from ..sampling import standard_normal
 from .base import Conditioning
 from .flow_matching import FlowMatchingPolicy
-from .stable_diffusion import cat_conditioning
 
 __all__ = ["LOOPStableDiffusion3Pipeline"]
 
@@ -73,18 +72,12 @@ class LOOPStableDiffusion3Pipeline(FlowMatchingPolicy):
                                       scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.16))}
 
     def _velocity(self, transformer, latents, sigmas, cond, uncond, guidance_scale):
-        guided = guidance_scale > 1.0 and uncond is not None
-        if guided:
-            latents, sigmas = torch.cat([latents, latents]), torch.cat([sigmas, sigmas])
-            cond = cat_conditioning(uncond, cond)
-        timesteps = sigmas * self.pipeline.scheduler.config.num_train_timesteps
-        with self._autocast():
-            velocity = transformer(hidden_states=latents, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
-                                   pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0].float()
-        if guided:
-            uncond_v, cond_v = velocity.chunk(2)
-            velocity = uncond_v + guidance_scale * (cond_v - uncond_v)
-        return velocity
+        def forward(x, s, c):
+            return transformer(hidden_states=x, timestep=s * self.pipeline.scheduler.config.num_train_timesteps,
+                               encoder_hidden_states=c["prompt_embeds"], pooled_projections=c["pooled_prompt_embeds"],
+                               return_dict=False)[0]
+
+        return self._guided(forward, latents, sigmas, cond, uncond, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
