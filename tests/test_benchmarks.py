@@ -106,3 +106,45 @@ def test_async_rewards_benchmark_runs_tiny(tmp_path):
         results = json.load(f)["results"]
     assert set(results) == {"verifier + 0.2 s latency"}
     assert all(row["async"]["epoch_s"] > 0 and row["in_turn"]["epoch_s"] > 0 for row in results.values())
+
+
+def test_gpu_benchmark_builds_the_published_model_sizes():
+    """The full-size shapes of benchmarks/gpu/models.py, built on the meta device (no memory), have the
+    parameter counts of the released checkpoints."""
+    import torch
+
+    sys.path.insert(0, os.path.join(BENCH, "gpu"))
+    from models import build_model
+
+    def counts(name):
+        pipeline = build_model(name, torch.device("meta"), torch.bfloat16)
+        return {k: sum(p.numel() for p in m.parameters()) for k, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
+
+    sd15 = counts("sd15")  # runwayml/stable-diffusion-v1-5: UNet 859.52M, VAE 83.65M, CLIP ViT-L/14 text 123.06M
+    assert sd15 == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    sd35 = counts("sd35_medium")
+    # keras_hub's SD 3.5 Medium preset counts 3,371,793,763 parameters for CLIP-L, CLIP-G, MMDiT-X and VAE, the
+    # MMDiT-X's 384 x 384 x 1536 position table included (a buffer in diffusers)
+    assert sd35["text_encoder"] + sd35["text_encoder_2"] + sd35["transformer"] + 384 * 384 * 1536 + sd35["vae"] == 3_371_793_763
+    assert sd35["text_encoder_3"] == 4_762_310_656  # T5 v1.1 XXL encoder
+    flux = counts("flux_dev")
+    assert abs(flux["transformer"] / 11.9e9 - 1) < 0.005 and flux["text_encoder_2"] == sd35["text_encoder_3"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run(tmp_path):
+    """The GPU benchmark's CPU dry run: tiny models of two families, every variant, one epoch, the floor replayed."""
+    sys.path.insert(0, os.path.join(BENCH, "gpu"))
+    from run import VARIANTS
+
+    extra = ["--trl_python", ANCHOR_PYTHON] if os.path.exists(ANCHOR_PYTHON) else []
+    out = run(os.path.join(BENCH, "gpu", "run.py"), "--dry_run", "--output_dir", "gpu", "--models", "sd15", "sd35_medium",
+              *extra, cwd=tmp_path)
+    report = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
+    expected = [(m, v) for m in ("sd15", "sd35_medium") for v in VARIANTS] + ([("sd15", "trl_ddpo")] if extra else [])
+    assert [(r["model"], r["variant"]) for r in report["results"]] == expected
+    for r in report["results"]:
+        assert r["median_epoch_s"] > 0 and r["sampling_images_per_s"] > 0 and r["training_trajectories_per_s"] > 0
+    for loop in (r for r in report["results"] if r["variant"] == "loop"):
+        assert loop["floor_s"]["sampling"] > 0 and loop["floor_s"]["training"] > 0 and loop["epoch_over_floor"] > 0
+    assert "| sd35_medium | loop_memory |" in out.stdout and (tmp_path / "gpu" / "table.md").exists()

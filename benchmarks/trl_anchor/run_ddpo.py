@@ -4,10 +4,12 @@ Run it with the anchor's interpreter (see setup_env.sh), from the repository roo
 
     PYTHONPATH=src benchmarks/.venv-trl/bin/python benchmarks/trl_anchor/run_ddpo.py --output_dir OUT
 
-It trains TRL's own LoRA (rank 4, TRL's fixed value) on the testbed's base-model folder, loaded by
-TRL's DefaultDDPOStableDiffusionPipeline exactly as a user would load a Hub model, against the
-testbed's verifier on its training prompts. It writes OUT/result.json (per-epoch wall time and
-mean reward, peak memory) and OUT/adapter (TRL's save_pretrained: LoRA weights + pipeline).
+It trains TRL's own LoRA (rank 4, TRL's fixed value) on a base-model folder (default: the shapes
+testbed's), loaded by TRL's DefaultDDPOStableDiffusionPipeline exactly as a user would load a Hub
+model, against the testbed's verifier on its training prompts (``--reward shapes``) or, for the
+GPU benchmark's timing runs, the mean pixel value on ordinary prompts (``--reward brightness``).
+It writes OUT/result.json (per-epoch wall time and mean reward, peak memory) and OUT/adapter
+(TRL's save_pretrained: LoRA weights + pipeline).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -25,13 +28,16 @@ import torch
 from accelerate import PartialState
 from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
-from loop_trl.testbeds.shapes import ShapesReward, train_prompts
-from loop_trl.testbeds.shapes.model import MODEL_DIR
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import TIMING_PROMPTS, brightness_reward  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--pretrained_model", default=None, help="base-model folder (default: the shapes testbed's)")
+    parser.add_argument("--reward", default="shapes", choices=["shapes", "brightness"])
+    parser.add_argument("--timestep_fraction", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--images_per_epoch", type=int, default=32)
@@ -52,16 +58,22 @@ def main() -> None:
         sample_guidance_scale=args.guidance, sample_batch_size=args.sample_batch_size,
         sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch_size,
         train_batch_size=args.train_batch_size, train_learning_rate=args.lr, train_clip_range=args.clip_range,
-        train_num_inner_epochs=args.inner_epochs, per_prompt_stat_tracking=True, save_freq=10**9,
+        train_num_inner_epochs=args.inner_epochs, train_timestep_fraction=args.timestep_fraction,
+        per_prompt_stat_tracking=True, save_freq=10**9,
         project_kwargs={"project_dir": os.path.join(args.output_dir, "work")})
-    prompts = train_prompts()
+    if args.reward == "shapes":  # the testbed's verifier and prompts (imports loop-trl's testbed from src/)
+        from loop_trl.testbeds.shapes import ShapesReward, train_prompts
+        from loop_trl.testbeds.shapes.model import MODEL_DIR
+
+        prompts, verifier, model = train_prompts(), ShapesReward(), args.pretrained_model or MODEL_DIR
+    else:
+        prompts, verifier, model = TIMING_PROMPTS, brightness_reward, args.pretrained_model
     order = np.random.default_rng(args.seed).permutation(len(prompts)).tolist()
     drawn = iter(order * (args.epochs * args.images_per_epoch // len(prompts) + 1))
 
     def prompt_function():
         return prompts[next(drawn)], {}
 
-    verifier = ShapesReward()
     epoch_rewards: list[float] = []
 
     def reward_function(images, batch_prompts, metadata):
@@ -72,7 +84,7 @@ def main() -> None:
     # TRL's pipeline logs through accelerate's logger before the trainer makes its Accelerator, which
     # recent accelerate refuses; creating the process state first is the usual workaround.
     PartialState()
-    pipeline = DefaultDDPOStableDiffusionPipeline(MODEL_DIR, use_lora=True)
+    pipeline = DefaultDDPOStableDiffusionPipeline(model, use_lora=True)
     trainer = DDPOTrainer(config, reward_function, prompt_function, pipeline)
     device = trainer.accelerator.device
 
@@ -114,7 +126,7 @@ def main() -> None:
     import transformers
     import trl
 
-    result = {"method": "trl_ddpo", "seed": args.seed, "lr": args.lr, "epochs": epochs, "peak_memory_mb": peak,
+    result = {"method": "trl_ddpo", "device": device.type, "seed": args.seed, "lr": args.lr, "epochs": epochs, "peak_memory_mb": peak,
               "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                            "diffusers": diffusers.__version__, "torch": torch.__version__}}
     with open(os.path.join(args.output_dir, "result.json"), "w") as f:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -141,10 +141,14 @@ class LOOPTrainer:
             **accelerator_kwargs,
         )
         accelerator = self.accelerator
+        if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+            raise ValueError("FSDP version 1 wraps the module, so sampling could not call it directly; loop-trl supports "
+                             "FSDP2: set fsdp_version: 2 in the accelerate config (examples/accelerate_configs/fsdp2.yaml).")
         if accelerator.num_processes != world_size:
             raise RuntimeError(f"{world_size} processes were launched but accelerate sees {accelerator.num_processes}; "
                                "they would train independently and overwrite each other's checkpoints. "
-                               "Check the launcher's settings (accelerate config) and accelerator_kwargs.")
+                               "Check the launcher's settings (accelerate config) and accelerator_kwargs. "
+                               "(FSDP and DeepSpeed through accelerate need GPUs; on CPU use the DDP config.)")
         set_seed(config.seed, device_specific=True)
         self.prompts = PromptSource(prompt_function, config.seed, accelerator.process_index, accelerator.num_processes)
         self.stat_tracker = PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
@@ -159,7 +163,17 @@ class LOOPTrainer:
         if not self.trainable_parameters:
             raise ValueError("The pipeline has no trainable parameters.")
         optimizer = self._make_optimizer()
+        # FSDP and DeepSpeed keep the module's weights (and optimizer state) sharded and save them
+        # themselves; the trainer then gathers the trained weights only to write the final adapter
+        self._engine_saves_model = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # there is no dataloader to read it from
+                ds_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+            if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its own step
+                ds_config["gradient_clipping"] = config.train_max_grad_norm
         self.policy.denoiser, self.optimizer = accelerator.prepare(self.policy.trainable_module, optimizer)
+        self.trainable_parameters = self.policy.trainable_parameters()  # FSDP2 replaces them with sharded ones
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         steps_per_epoch = config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
         # stepped by the trainer once per optimizer step that was taken; saved in checkpoints
@@ -199,10 +213,9 @@ class LOOPTrainer:
                 self.evaluate()
             if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == last_epoch:
                 self.save_checkpoint()
-        if self.accelerator.is_main_process:
-            self.save_pretrained(self.config.output_dir)
-            if self.config.push_to_hub:
-                self.push_to_hub(self.config.hub_model_id, private=self.config.hub_private)
+        self.save_pretrained(self.config.output_dir)  # on every process: sharded weights are gathered
+        if self.config.push_to_hub:
+            self.push_to_hub(self.config.hub_model_id, private=self.config.hub_private)
         self.accelerator.wait_for_everyone()
         if self.first_epoch >= self.config.num_epochs:  # the run is complete: close the trackers
             # (not accelerator.end_training(): it also destroys the process group, and the trainer
@@ -263,13 +276,18 @@ class LOOPTrainer:
         batch_size = config.eval_batch_size or config.sample_batch_size
         num_batches = len(eval_batches(prompts, config.eval_num_images_per_prompt, batch_size))
         mine = list(range(accelerator.process_index, num_batches, accelerator.num_processes))
-        samples = sample_and_score(
-            self.policy, self.reward_function, prompts, [m for _, m in self.eval_prompts],
-            images_per_prompt=config.eval_num_images_per_prompt, seed=config.eval_seed,
-            num_steps=config.eval_num_steps or config.sample_num_steps,
-            guidance_scale=guidance_scale or config.eval_guidance_scale or config.sample_guidance_scale,
-            eta=config.eval_eta or config.sample_eta, batch_size=batch_size, negative_prompt=config.negative_prompts,
-            batch_indices=mine, progress=accelerator.is_local_main_process)
+        settings = dict(images_per_prompt=config.eval_num_images_per_prompt, seed=config.eval_seed,
+                        num_steps=config.eval_num_steps or config.sample_num_steps,
+                        guidance_scale=guidance_scale or config.eval_guidance_scale or config.sample_guidance_scale,
+                        eta=config.eval_eta or config.sample_eta, batch_size=batch_size,
+                        negative_prompt=config.negative_prompts, progress=accelerator.is_local_main_process)
+        metadata = [m for _, m in self.eval_prompts]
+        samples = sample_and_score(self.policy, self.reward_function, prompts, metadata, batch_indices=mine, **settings)
+        short = -(-num_batches // accelerator.num_processes) - len(mine)
+        if self._engine_saves_model and short:
+            # sharded weights are gathered collectively in every forward pass: a process with one
+            # batch fewer runs a throw-away batch so that all make the same calls
+            sample_and_score(self.policy, self.reward_function, prompts, metadata, batch_indices=[0] * short, **settings)
         if accelerator.num_processes > 1:
             everyone = EvalSamples()
             for part in gather_object([samples]):
@@ -480,6 +498,8 @@ class LOOPTrainer:
         if accelerator.scaler is not None:  # fp16: the gradient scaler skips inf/NaN steps and lowers its scale
             self.optimizer.step()
             skipped = self.optimizer.step_was_skipped
+        elif grad_norm is None:  # DeepSpeed clips, skips overflowing steps and steps inside backward()
+            skipped = False
         else:
             skipped = not bool(torch.isfinite(torch.as_tensor(grad_norm)))  # equal on all ranks after all-reduce
             if not skipped:
@@ -517,13 +537,18 @@ class LOOPTrainer:
         return os.path.join(self.config.output_dir, "checkpoints")
 
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
-        # Write only the trainable weights (a LoRA adapter, not the whole UNet).
+        # Write only the trainable weights (a LoRA adapter, not the whole UNet), unless FSDP or
+        # DeepSpeed has written the module's sharded state itself.
+        if self._engine_saves_model:
+            return
         if self.accelerator.is_main_process:
             self.policy.save_adapter(output_dir)
         while weights:
             weights.pop()
 
     def _load_model_hook(self, models: list, input_dir: str) -> None:
+        if self._engine_saves_model:  # FSDP / DeepSpeed loaded their own sharded state
+            return
         self.policy.load_adapter(input_dir)
         while models:
             models.pop()
@@ -582,8 +607,15 @@ class LOOPTrainer:
         """Write the trained weights (LoRA in diffusers format) and a model card to ``save_directory``.
 
         ``repo_id`` is the Hub repository the card's loading snippet points at (default: the folder).
+        Call it on every process: under FSDP or DeepSpeed ZeRO-3 the sharded weights are gathered
+        from all of them (only the main process writes).
         """
-        self.policy.save_adapter(save_directory)
+        state_dict = None
+        if self._engine_saves_model:
+            state_dict = self.accelerator.get_state_dict(self.policy.denoiser)  # collective: whole weights
+        if not self.accelerator.is_main_process:
+            return
+        self.policy.save_adapter(save_directory, state_dict=state_dict)
         example = self.eval_prompts[0][0] if self.eval_prompts else (self.prompts.rows[0][0] if self.prompts.rows else None)
         card = make_model_card(
             base_model=self.policy.base_model_name,
@@ -600,7 +632,12 @@ class LOOPTrainer:
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
                     commit_message: str = "Upload LOOP-trained weights") -> str:
-        """Save the weights and model card to a temporary folder and upload it to ``repo_id``."""
+        """Save the weights and model card to a temporary folder and upload it to ``repo_id``.
+
+        Call it on every process (see :meth:`save_pretrained`); the main process uploads and returns
+        the URL, the others return None."""
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, repo_id=repo_id)
-            return upload_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+            if self.accelerator.is_main_process:
+                return upload_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        return None

@@ -162,8 +162,9 @@ class DiffusionPolicy(abc.ABC):
         """The parameters the optimizer updates."""
 
     @abc.abstractmethod
-    def save_adapter(self, save_directory: str) -> None:
-        """Write the trained weights (a LoRA adapter in diffusers format, or full weights)."""
+    def save_adapter(self, save_directory: str, state_dict: dict | None = None) -> None:
+        """Write the trained weights (a LoRA adapter in diffusers format, or full weights); ``state_dict``
+        is the trained module's gathered state when its parameters are sharded (FSDP, ZeRO-3)."""
 
     @abc.abstractmethod
     def load_adapter(self, directory: str) -> None:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -207,15 +208,25 @@ class DiffusersPolicy(DiffusionPolicy):
         return torch.autocast(self.device.type, dtype=self.inference_dtype)
 
     # ------------------------------------------------------------------ saving and loading
-    def save_adapter(self, save_directory: str) -> None:
+    def save_adapter(self, save_directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` in diffusers format (for ``load_lora_weights``).
-        Full fine-tuning: the module in ``save_directory/<module_name>``."""
+        Full fine-tuning: the module in ``save_directory/<module_name>``.
+
+        ``state_dict`` is the trained module's whole state (``module.state_dict()`` keys) when its
+        parameters are sharded (FSDP, DeepSpeed ZeRO-3) and were gathered by the caller.
+        """
         os.makedirs(save_directory, exist_ok=True)
         module = self.trainable_module
         if not self.use_lora:
-            module.save_pretrained(os.path.join(save_directory, self.module_name), safe_serialization=True)
+            folder = os.path.join(save_directory, self.module_name)
+            if state_dict is None:
+                module.save_pretrained(folder, safe_serialization=True)
+            else:  # the module's own parameters are shards: write the gathered ones in diffusers' layout
+                module.save_config(folder)
+                save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                      max_shard_size="10GB")
             return
-        layers = get_peft_model_state_dict(module)
+        layers = get_peft_model_state_dict(module, state_dict=state_dict)
         if self.module_name == "unet":  # UNet adapters use diffusers' key names, transformer adapters peft's
             layers = convert_state_dict_to_diffusers(layers)  # (as diffusers' LoRA training scripts save them)
         self.pipeline_class.save_lora_weights(save_directory, **{f"{self.module_name}_lora_layers": layers},

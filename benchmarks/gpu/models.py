@@ -1,0 +1,110 @@
+"""Full-size model shapes with random weights, built from their published configs (nothing downloaded).
+
+Timings and memory do not depend on trained weights, so the GPU benchmark builds each model of
+the family at its real size from the configuration its Hub checkpoint ships: SD 1.5 (UNet, VAE
+and CLIP ViT-L text encoder), SD 3.5 Medium (MMDiT transformer, VAE, CLIP-L, CLIP-G and T5-XXL
+encoders) and FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL). The only stand-in is the
+tokenizer: the byte-level one of :mod:`loop_trl.testing` (it needs no vocabulary files), which
+gives prompts a realistic token count; the text encoders keep their real vocabulary sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loop_trl.testing import TINY_BUILDERS, tiny_clip_tokenizer  # first: loop_trl quiets transformers' import notices
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+__all__ = ["MODELS", "build_model"]
+
+
+def _clip_text(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, act: str, projection: int | None = None):
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                            num_attention_heads=heads, hidden_act=act, max_position_embeddings=77,
+                            projection_dim=projection or hidden, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _t5_xxl(tokenizer) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                                   decoder_start_token_id=0))
+
+
+def _vae(latent_channels: int, **config) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                         layers_per_block=2, latent_channels=latent_channels, sample_size=512, **config)
+
+
+def build_sd15() -> StableDiffusionPipeline:
+    """runwayml/stable-diffusion-v1-5's shapes: 860M-parameter UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder."""
+    tokenizer = tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # the other defaults are SD 1.5's
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=_vae(4), text_encoder=_clip_text(tokenizer, 768, 12, 12, 3072, "quick_gelu"),
+                                   tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def build_sd35_medium() -> StableDiffusion3Pipeline:
+    """stabilityai/stable-diffusion-3.5-medium's shapes: 2.5B-parameter MMDiT-X transformer, 16-channel VAE,
+    CLIP-L, CLIP-G and T5-XXL text encoders."""
+    tokenizer = tiny_clip_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip_text(tokenizer, 768, 12, 12, 3072, "quick_gelu", projection=768), tokenizer=tokenizer,
+        text_encoder_2=_clip_text(tokenizer, 1280, 32, 20, 5120, "gelu", projection=1280), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_t5_xxl(tokenizer), tokenizer_3=tiny_clip_tokenizer())
+
+
+def build_flux_dev() -> FluxPipeline:
+    """black-forest-labs/FLUX.1-dev's shapes: 12B-parameter transformer with guidance embedding, 16-channel VAE,
+    CLIP-L and T5-XXL text encoders."""
+    tokenizer = tiny_clip_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip_text(tokenizer, 768, 12, 12, 3072, "quick_gelu"), tokenizer=tokenizer,
+        text_encoder_2=_t5_xxl(tokenizer), tokenizer_2=tiny_clip_tokenizer())
+
+
+#: model name -> (builder of the full-size pipeline, family of loop_trl.testing.TINY_BUILDERS for --dry_run, pixels)
+MODELS = {
+    "sd15": (build_sd15, "stable-diffusion", 512),
+    "sd35_medium": (build_sd35_medium, "stable-diffusion-3", 512),
+    "flux_dev": (build_flux_dev, "flux", 512),
+}
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
+    """The pipeline of ``name``, its weights drawn on ``device`` (fast for billions of parameters) in ``dtype``.
+
+    ``tiny`` builds the family's tiny test pipeline instead (32 px), for the CPU dry run.
+    """
+    builder, family, _ = MODELS[name]
+    if tiny:
+        return TINY_BUILDERS[family](seed=seed)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return builder()
+    finally:
+        torch.set_default_dtype(previous)
