@@ -1,9 +1,10 @@
-"""Fine-tune a text-to-image model with LOOP on the LAION aesthetic score (or JPEG (in)compressibility).
+"""Fine-tune a text-to-image model with LOOP on the LAION aesthetic score (or another built-in reward).
 
     accelerate launch examples/train_aesthetic.py                       # SD 1.5, aesthetic reward
     accelerate launch examples/train_aesthetic.py --config examples/configs/aesthetic_sd15.yaml
     accelerate launch examples/train_aesthetic.py --config examples/configs/aesthetic_sd35_medium.yaml
     accelerate launch examples/train_aesthetic.py --pretrained_model stabilityai/stable-diffusion-3.5-medium
+    accelerate launch examples/train_aesthetic.py --reward hpsv2      # or pickscore, imagereward, clipscore, ...
     accelerate launch examples/train_aesthetic.py --push_to_hub --hub_model_id you/sd15-loop-aesthetic
 
 The model family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) is read from the checkpoint's model_index.json.
@@ -24,7 +25,8 @@ import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
 from loop_trl.hooks import log_images_hook
-from loop_trl.rewards import AestheticReward, JpegCompressibility, JpegIncompressibility
+from loop_trl.rewards import AestheticReward
+from loop_trl.rewards.serve import load_reward
 
 ANIMALS = [
     "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
@@ -48,7 +50,7 @@ class ScriptArguments:
     resolution: Optional[int] = field(default=None, metadata={"help": "Image height and width in pixels; default: the model's own (512 for SD 1.5, 1024 for SDXL, SD3.5 and FLUX.1)."})
     load_dtype: str = field(default="fp32", metadata={"help": "dtype the base weights load in: 'fp32', 'bf16' or 'fp16' (bf16 halves the memory of loading a large model; trained weights are fp32 either way)."})
     init_adapter: Optional[str] = field(default=None, metadata={"help": "Start from this LoRA adapter (folder or Hub id) instead of a new one."})
-    reward: str = field(default="aesthetic", metadata={"help": "'aesthetic', 'jpeg_compressibility' or 'jpeg_incompressibility'."})
+    reward: str = field(default="aesthetic", metadata={"help": "The reward: 'aesthetic' (LAION aesthetic predictor), 'jpeg_compressibility', 'jpeg_incompressibility', 'clipscore', 'pickscore', 'hpsv2', 'imagereward', 'ocr' (docs/rewards.md), or module:callable for your own (a class is built without arguments)."})
     aesthetic_clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP model (Hub id or folder) of the aesthetic reward."})
     aesthetic_head: str = field(default="trl-lib/ddpo-aesthetic-predictor", metadata={"help": "Aesthetic MLP head: Hub repository, folder or file."})
     aesthetic_head_filename: str = field(default="aesthetic-model.pth", metadata={"help": "The head's file name in its repository or folder."})
@@ -60,11 +62,7 @@ def make_reward(args: ScriptArguments):
     if args.reward == "aesthetic":
         return AestheticReward(clip_model=args.aesthetic_clip_model, head=args.aesthetic_head,
                                head_filename=args.aesthetic_head_filename)
-    if args.reward == "jpeg_compressibility":
-        return JpegCompressibility()
-    if args.reward == "jpeg_incompressibility":
-        return JpegIncompressibility()
-    raise ValueError(f"--reward must be 'aesthetic', 'jpeg_compressibility' or 'jpeg_incompressibility', got {args.reward!r}.")
+    return load_reward(args.reward)  # the other built-in rewards, by name, or module:callable
 
 
 def make_prompts(args: ScriptArguments):

@@ -163,3 +163,97 @@ def test_async_rewards_give_the_same_run_and_the_same_faults(tmp_path, tiny_sd_p
 
     with pytest.raises(RuntimeError, match=r"reward_function raised RuntimeError: reward server down \[epoch 0, sampling batch 1"):
         run(True, fails_on_second_batch)
+
+
+# ---------------------------------------------------------------- HPSv2: an OpenCLIP-format checkpoint
+def openclip_state_dict(width=32, layers=2, embed=16, patch=8, image=32, vocab=514, context=77, seed=0):
+    """A random CLIP state dict in OpenAI's / OpenCLIP's layout (what HPSv2's checkpoint holds)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=0.1: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    sd = {"visual.conv1.weight": r(width, 3, patch, patch), "visual.class_embedding": r(width),
+          "visual.positional_embedding": r((image // patch) ** 2 + 1, width), "visual.proj": r(width, embed),
+          "token_embedding.weight": r(vocab, width), "positional_embedding": r(context, width),
+          "text_projection": r(width, embed), "logit_scale": torch.tensor(math.log(100.0))}
+    for name in ("visual.ln_pre", "visual.ln_post", "ln_final"):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + r(width), r(width)
+    for tower in ("visual.transformer", "transformer"):
+        for i in range(layers):
+            p = f"{tower}.resblocks.{i}."
+            sd |= {p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+                   p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+                   p + "mlp.c_fc.weight": r(2 * width, width), p + "mlp.c_fc.bias": r(2 * width),
+                   p + "mlp.c_proj.weight": r(width, 2 * width), p + "mlp.c_proj.bias": r(width),
+                   p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
+                   p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width)}
+    return sd
+
+
+def openclip_forward(sd, pixels, tokens, heads=4, layers=2):
+    """OpenCLIP's image and text towers written out from the checkpoint (fused q/k/v, x @ proj,
+    features at the end-of-text token): the reference that HPSv2's converted model must match."""
+    F = torch.nn.functional
+
+    def blocks(x, tower, causal):
+        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1) if causal else None
+        for i in range(layers):
+            p = f"{tower}.resblocks.{i}."
+            h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+            h = F.multi_head_attention_forward(
+                h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1), x.shape[-1], heads, sd[p + "attn.in_proj_weight"],
+                sd[p + "attn.in_proj_bias"], None, None, False, 0.0, sd[p + "attn.out_proj.weight"],
+                sd[p + "attn.out_proj.bias"], need_weights=False, attn_mask=mask)[0].transpose(0, 1)
+            x = x + h
+            h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+            x = x + F.linear(F.gelu(F.linear(h, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])),
+                             sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+        return x
+
+    width = sd["visual.class_embedding"].shape[0]
+    x = F.conv2d(pixels, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, width), x], dim=1) + sd["visual.positional_embedding"]
+    x = F.layer_norm(x, (width,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
+    x = blocks(x, "visual.transformer", causal=False)
+    image = F.layer_norm(x[:, 0], (width,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    t = sd["token_embedding.weight"][tokens] + sd["positional_embedding"][: tokens.shape[1]]
+    t = F.layer_norm(blocks(t, "transformer", causal=True), (width,), sd["ln_final.weight"], sd["ln_final.bias"])
+    text = t[torch.arange(len(t)), tokens.argmax(dim=-1)] @ sd["text_projection"]
+    return F.cosine_similarity(image, text, dim=-1)
+
+
+def test_hpsv2_loads_an_openclip_checkpoint_and_scores_its_cosine(tmp_path, tiny_clip):
+    """HPSv2 converts the OpenCLIP-format checkpoint into a transformers CLIPModel; its score equals
+    OpenCLIP's cosine computed directly from the checkpoint's tensors, for a plain and a DDP-saved file."""
+    from loop_trl.rewards import HPSv2
+    from loop_trl.rewards.base import clip_preprocess
+
+    model, processor = tiny_clip
+    config = copy.deepcopy(model.config)
+    config.text_config.hidden_act = config.vision_config.hidden_act = "gelu"  # ViT-H/14's, and the reference's
+    sd = openclip_state_dict()
+    torch.save({"state_dict": sd}, tmp_path / "hps.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "hps_ddp.pt")
+    pixels = images(seed=3)
+    tokens = processor.tokenizer(PROMPTS, padding=True, return_tensors="pt")["input_ids"]
+    expected = openclip_forward(sd, clip_preprocess(pixels, 32, processor.image_processor.image_mean,
+                                                    processor.image_processor.image_std), tokens)
+    for name in ("hps.pt", "hps_ddp.pt"):
+        reward = HPSv2(processor=processor, checkpoint=str(tmp_path / name), config=config, device="cpu")
+        scores, metadata = reward(pixels, PROMPTS, [{}] * 3)
+        torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
+        assert metadata["cosine"] == scores.tolist() and scores.shape == (3,)
+
+
+def test_hpsv2_refuses_checkpoints_it_cannot_load_safely(tmp_path, tiny_clip):
+    from loop_trl.rewards import HPSv2
+
+    model, processor = tiny_clip
+
+    import argparse
+
+    # any object beyond plain tensors and containers: weights_only refuses to build it
+    torch.save({"state_dict": openclip_state_dict(), "extra": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        HPSv2(processor=processor, checkpoint=str(tmp_path / "pickled.pt"), config=model.config, device="cpu")
+    torch.save({"state_dict": openclip_state_dict(layers=1)}, tmp_path / "short.pt")  # one block fewer
+    with pytest.raises(ValueError, match="does not fit"):
+        HPSv2(processor=processor, checkpoint=str(tmp_path / "short.pt"), config=model.config, device="cpu")

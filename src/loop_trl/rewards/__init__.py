@@ -6,11 +6,12 @@ at once: pass the trainer a list or ``{name: reward}`` dict (see :class:`MultiRe
 
 from .aesthetic import AestheticMLP, AestheticReward, AestheticScorer
 from .base import MultiReward
-from .clip import CLIPScore, PickScore
+from .clip import CLIPScore, HPSv2, PickScore
+from .image_reward import ImageReward
 from .jpeg import JpegCompressibility, JpegIncompressibility
 from .ocr import OCRReward
 from .remote import RemoteReward
 
-__all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "CLIPScore", "JpegCompressibility",
+__all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "CLIPScore", "HPSv2", "ImageReward", "JpegCompressibility",
            "JpegIncompressibility", "MultiReward", "OCRReward", "PickScore",
            "RemoteReward"]

@@ -8,13 +8,14 @@ reward_metadata)`` with ``images`` a (B, 3, H, W) float tensor in [0, 1] (or PIL
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "reward_name", "to_image_tensor"]
+__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "load_state_dict_file", "reward_name", "to_image_tensor"]
 
 RewardFunction = Callable[[Any, Sequence[str], Sequence[Any]], tuple[Any, Any]]
 
@@ -42,6 +43,29 @@ def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std:
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / std_t
+
+
+def load_state_dict_file(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The state dict in a torch checkpoint: a local file, or ``"<repo id>/<file name>"`` on the Hub.
+
+    Read with ``torch.load(weights_only=True)``, so nothing in the file is executed; a checkpoint
+    that holds more than tensors and plain containers is refused with a ValueError. A top-level
+    ``state_dict`` entry (training checkpoints) is unwrapped.
+    """
+    path = checkpoint
+    if not os.path.isfile(path):
+        repo_id, _, filename = checkpoint.rpartition("/")
+        if not repo_id:
+            raise ValueError(f"checkpoint {checkpoint!r} is neither a file nor '<repo id>/<file name>'.")
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, filename)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an UnpicklingError names the object that is not plain data
+        raise ValueError(f"{checkpoint!r} is not a plain state dict (torch.load(weights_only=True) refused it: "
+                         f"{error}); it is not loaded.") from error
+    return state.get("state_dict", state)
 
 
 def reward_name(reward: Callable) -> str:

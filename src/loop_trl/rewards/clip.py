@@ -1,6 +1,6 @@
-"""Prompt-image agreement from a CLIP model: CLIPScore and PickScore.
+"""Prompt-image agreement from a CLIP model: CLIPScore, PickScore and HPSv2.
 
-Both embed the image and its prompt with a (transformers) CLIP model and score the cosine
+All embed the image and its prompt with a (transformers) CLIP model and score the cosine
 similarity of the two embeddings; they differ in the model and the scale:
 
 * :class:`CLIPScore` (Hessel et al. 2021): ``w * max(cos, 0)`` with ``w = 2.5``, on
@@ -11,19 +11,26 @@ similarity of the two embeddings; they differ in the model and the scale:
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` processor, as its model card shows. Range [-100, 100];
   typical images score about 18-24. Trained on human preferences between images of one prompt,
   so its differences within a prompt are what carry meaning.
+* :class:`HPSv2` (Wu et al. 2023, Human Preference Score v2.1): the plain cosine of an OpenCLIP
+  ViT-H/14 fine-tuned on human preference pairs (HPD v2), ``xswu/HPSv2`` /
+  ``HPS_v2.1_compressed.pt``. Range [-1, 1]; typical images about 0.2-0.35. Its checkpoint is in
+  OpenCLIP's layout; it is converted to a transformers ``CLIPModel`` on loading
+  (:func:`openai_clip_to_transformers`), so open_clip (and torchvision) are not needed.
 
-Weights load from safetensors only; model and processor may be Hub ids or local folders.
+Weights load from safetensors, or for HPSv2's checkpoint with ``torch.load(weights_only=True)``;
+model and processor may be Hub ids or local folders.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import torch
 
-from .base import clip_preprocess, to_image_tensor
+from .base import clip_preprocess, load_state_dict_file, to_image_tensor
 
-__all__ = ["CLIPScore", "PickScore"]
+__all__ = ["CLIPScore", "HPSv2", "PickScore", "openai_clip_to_transformers"]
 
 
 class _CLIPSimilarity:
@@ -107,3 +114,100 @@ class PickScore(_CLIPSimilarity):
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
         cos = self.cosine(images, prompts)
         return self.model.logit_scale.exp().float().cpu() * cos, {"cosine": cos.tolist()}
+
+
+_LAYER_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                "attn.out_proj": "self_attn.out_proj"}
+
+_TOWER_NAMES = {
+    ("vision_model", "conv1.weight"): "vision_model.embeddings.patch_embedding.weight",
+    ("vision_model", "class_embedding"): "vision_model.embeddings.class_embedding",
+    ("vision_model", "positional_embedding"): "vision_model.embeddings.position_embedding.weight",
+    ("vision_model", "ln_pre.weight"): "vision_model.pre_layrnorm.weight",
+    ("vision_model", "ln_pre.bias"): "vision_model.pre_layrnorm.bias",
+    ("vision_model", "ln_post.weight"): "vision_model.post_layernorm.weight",
+    ("vision_model", "ln_post.bias"): "vision_model.post_layernorm.bias",
+    ("vision_model", "proj"): "visual_projection.weight",
+    ("text_model", "token_embedding.weight"): "text_model.embeddings.token_embedding.weight",
+    ("text_model", "positional_embedding"): "text_model.embeddings.position_embedding.weight",
+    ("text_model", "ln_final.weight"): "text_model.final_layer_norm.weight",
+    ("text_model", "ln_final.bias"): "text_model.final_layer_norm.bias",
+    ("text_model", "text_projection"): "text_projection.weight",
+    ("text_model", "logit_scale"): "logit_scale",
+}
+
+
+def openai_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and split) a CLIP state dict in OpenAI's / OpenCLIP's layout into transformers' ``CLIPModel`` names.
+
+    The fused attention input projection (``in_proj_weight``, q, k and v stacked) is split into
+    ``q_proj``, ``k_proj`` and ``v_proj``; the two output projections, stored as ``x @ proj``, are
+    transposed into ``nn.Linear`` weights. OpenCLIP's ``module.`` prefix (from DDP) is dropped and
+    its ``attn_mask`` buffer ignored.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        tower, key = ("vision_model", key[len("visual."):]) if key.startswith("visual.") else ("text_model", key)
+        block = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", key)
+        if block:
+            prefix, rest = f"{tower}.encoder.layers.{block.group(1)}.", block.group(2)
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]  # weight or bias
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{name}.{kind}"] = part.clone()
+                continue
+            stem, kind = rest.rsplit(".", 1)
+            if stem not in _LAYER_NAMES:
+                raise ValueError(f"Unexpected key in a CLIP checkpoint: {block.group(0)!r}.")
+            out[f"{prefix}{_LAYER_NAMES[stem]}.{kind}"] = value
+            continue
+        if key == "attn_mask":
+            continue
+        if (tower, key) not in _TOWER_NAMES:
+            raise ValueError(f"Unexpected key in a CLIP checkpoint: {key!r}.")
+        out[_TOWER_NAMES[tower, key]] = value.t().contiguous() if key in ("proj", "text_projection") else value
+    return out
+
+
+class HPSv2(_CLIPSimilarity):
+    """``reward_function`` with HPS v2.1: the cosine of image and prompt under the HPSv2 model (about 0.2-0.35).
+
+    Args:
+        checkpoint: the OpenCLIP-format checkpoint: a local file, or ``"<repo id>/<file name>"`` on
+            the Hub (default ``xswu/HPSv2/HPS_v2.1_compressed.pt``, HPS v2.1). Read with
+            ``torch.load(weights_only=True)``: nothing in it is executed.
+        config: the transformers ``CLIPConfig`` of its architecture, or a Hub id / folder holding one
+            (default: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, the OpenCLIP ViT-H/14 HPSv2 fine-tunes).
+        processor: the CLIP processor, or None to load ``processor_id`` (default: the same laion repository).
+        model: a ``CLIPModel`` already holding HPSv2's weights (then ``checkpoint`` and ``config`` are unused).
+        device, dtype, batch_size: where and how the model runs (default: CUDA if available).
+    """
+
+    default_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def __init__(self, model=None, processor=None, *, checkpoint: str | None = None, config: Any = None, **kwargs):
+        if model is None:
+            model = self.load_model(checkpoint or self.default_checkpoint, config or self.default_processor)
+        super().__init__(model, processor, **kwargs)
+
+    @staticmethod
+    def load_model(checkpoint: str, config: Any) -> torch.nn.Module:
+        """A transformers ``CLIPModel`` of ``config`` holding the OpenCLIP-format weights of ``checkpoint``."""
+        from transformers import CLIPConfig, CLIPModel
+
+        state = load_state_dict_file(checkpoint)
+        if not isinstance(config, CLIPConfig):
+            config = CLIPConfig.from_pretrained(config)
+        model = CLIPModel(config)
+        missing, unexpected = model.load_state_dict(openai_clip_to_transformers(state), strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint!r} does not fit the CLIP architecture of the config: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}.")
+        return model
+
+    def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
+        cos = self.cosine(images, prompts)
+        return cos, {"cosine": cos.tolist()}

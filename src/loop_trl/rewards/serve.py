@@ -43,13 +43,16 @@ logger = logging.getLogger(__name__)
 
 
 def _builtin(name: str) -> Callable:
-    from . import AestheticReward, CLIPScore, JpegCompressibility, JpegIncompressibility, OCRReward, PickScore
+    from . import (AestheticReward, CLIPScore, HPSv2, ImageReward, JpegCompressibility, JpegIncompressibility, OCRReward,
+                   PickScore)
 
     return {"jpeg_compressibility": JpegCompressibility, "jpeg_incompressibility": JpegIncompressibility,
-            "aesthetic": AestheticReward, "clipscore": CLIPScore, "pickscore": PickScore, "ocr": OCRReward}[name]
+            "aesthetic": AestheticReward, "clipscore": CLIPScore, "pickscore": PickScore, "hpsv2": HPSv2,
+            "imagereward": ImageReward, "ocr": OCRReward}[name]
 
 
-BUILTIN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clipscore", "pickscore", "ocr")
+BUILTIN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clipscore", "pickscore", "hpsv2",
+                   "imagereward", "ocr")
 
 
 def load_reward(spec: str) -> Callable:
