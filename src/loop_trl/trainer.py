@@ -631,7 +631,7 @@ class LOOPTrainer:
         card.save(os.path.join(save_directory, "README.md"))
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
-                    commit_message: str = "Upload LOOP-trained weights") -> str:
+                    commit_message: str = "Upload LOOP-trained weights") -> str | None:
         """Save the weights and model card to a temporary folder and upload it to ``repo_id``.
 
         Call it on every process (see :meth:`save_pretrained`); the main process uploads and returns
