@@ -130,6 +130,15 @@ class CallRecorder:
         return seconds
 
 
+def summarize_epochs(epochs: list[dict], images_per_epoch: int, epoch_key: str = "time_epoch_s") -> dict:
+    """Medians over timed epochs (each a dict of ``time_*_s`` timers): epoch time, its parts, throughputs."""
+    median = lambda key: float(np.median([e.get(key, 0.0) for e in epochs]))  # noqa: E731
+    return {"median_epoch_s": median(epoch_key),
+            "parts_s": {name: median(f"time_{name}_s") for name in ("sampling", "reward", "training")},
+            "sampling_images_per_s": images_per_epoch / median("time_sampling_s"),
+            "training_trajectories_per_s": images_per_epoch / median("time_training_s")}
+
+
 def make_config(args: argparse.Namespace, variant: str, output_dir: str, model: str):
     from loop_trl import LOOPConfig
 
@@ -165,7 +174,6 @@ def run_variant(args: argparse.Namespace, model: str, variant: str, device: torc
             if epoch >= warmup:
                 epochs.append({k: v for k, v in trainer.last_metrics.items() if k.startswith("time_")})
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        median = {k: float(np.median([e.get(k, 0.0) for e in epochs])) for k in epochs[0]}
         recorder = None
         if record:  # one more, untimed epoch whose model calls are recorded, then replayed bare
             modules = {"denoiser": policy.trainable_module, "vae_decoder": pipeline.vae.decoder}
@@ -174,18 +182,12 @@ def run_variant(args: argparse.Namespace, model: str, variant: str, device: torc
             recorder = CallRecorder(modules)
             trainer.step(warmup + args.epochs, trainer.global_step)
             recorder.remove()
-        trajectories = args.images_per_epoch
-        result = {
-            "model": model, "variant": variant, "build_s": build_s, "median_epoch_s": median["time_epoch_s"],
-            "parts_s": {name: median.get(f"time_{name}_s", 0.0) for name in ("sampling", "reward", "training")},
-            "sampling_images_per_s": args.images_per_epoch / median["time_sampling_s"],
-            "training_trajectories_per_s": trajectories / median["time_training_s"],
-            "peak_memory_mb": peak, "nonfinite_steps": trainer.nonfinite_steps,
-        }
+        result = {"model": model, "variant": variant, "build_s": build_s, **summarize_epochs(epochs, args.images_per_epoch),
+                  "peak_memory_mb": peak, "nonfinite_steps": trainer.nonfinite_steps}
         if recorder is not None:
             floor = recorder.replay(device, policy._autocast)
             result["floor_s"] = floor
-            result["epoch_over_floor"] = median["time_epoch_s"] / sum(floor.values())
+            result["epoch_over_floor"] = result["median_epoch_s"] / sum(floor.values())
         del trainer, policy, pipeline, recorder
     gc.collect()
     if device.type == "cuda":
@@ -218,11 +220,7 @@ def run_trl(args: argparse.Namespace, work: str) -> dict:
     with open(os.path.join(out, "result.json")) as f:
         trl = json.load(f)
     timed = trl["epochs"][0 if args.dry_run else 1:]
-    median = lambda key: float(np.median([e.get(key, 0.0) for e in timed]))  # noqa: E731
-    return {"model": "sd15", "variant": "trl_ddpo", "median_epoch_s": median("wall_epoch_s"),
-            "parts_s": {name: median(f"time_{name}_s") for name in ("sampling", "reward", "training")},
-            "sampling_images_per_s": args.images_per_epoch / median("time_sampling_s"),
-            "training_trajectories_per_s": args.images_per_epoch / median("time_training_s"),
+    return {"model": "sd15", "variant": "trl_ddpo", **summarize_epochs(timed, args.images_per_epoch, "wall_epoch_s"),
             "peak_memory_mb": trl["peak_memory_mb"] if trl.get("device") == "cuda" else None, "versions": trl["versions"]}
 
 

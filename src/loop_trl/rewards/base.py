@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "load_state_dict_file", "reward_name", "to_image_tensor"]
+__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "load_state_dict_file", "reward_name", "score_in_batches",
+           "to_image_tensor"]
 
 RewardFunction = Callable[[Any, Sequence[str], Sequence[Any]], tuple[Any, Any]]
 
@@ -43,6 +44,19 @@ def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std:
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / std_t
+
+
+def score_in_batches(images: Any, prompts: Sequence[str], batch_size: int,
+                     score: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> torch.Tensor:
+    """``score(images, prompts)`` over consecutive batches of (image, prompt) pairs, concatenated on the CPU as fp32.
+
+    ``images`` is anything :func:`to_image_tensor` takes; there must be one prompt per image.
+    """
+    images = to_image_tensor(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"Got {len(images)} images for {len(prompts)} prompts; the reward scores each image with its prompt.")
+    return torch.cat([score(images[start:start + batch_size], list(prompts[start:start + batch_size])).float().cpu()
+                      for start in range(0, len(prompts), batch_size)])
 
 
 def load_state_dict_file(checkpoint: str) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import clip_preprocess, load_state_dict_file, to_image_tensor
+from .base import clip_preprocess, load_state_dict_file, score_in_batches
 
 __all__ = ["CLIPScore", "HPSv2", "PickScore", "openai_clip_to_transformers"]
 
@@ -58,23 +58,19 @@ class _CLIPSimilarity:
 
     @torch.no_grad()
     def cosine(self, images: Any, prompts: Sequence[str]) -> torch.Tensor:
-        images = to_image_tensor(images)
-        if len(images) != len(prompts):
-            raise ValueError(f"Got {len(images)} images for {len(prompts)} prompts; the reward scores each image with its prompt.")
-        dtype = next(self.model.parameters()).dtype
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = clip_preprocess(images[start:start + self.batch_size].to(self.device), self.image_size, self.mean, self.std)
-            tokens = self.tokenizer(list(prompts[start:start + self.batch_size]), padding=True, truncation=True,
-                                    max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
-            output = self.model(input_ids=tokens["input_ids"].to(self.device),
-                                attention_mask=tokens["attention_mask"].to(self.device), pixel_values=pixels.to(dtype))
-            image_embeds = output.image_embeds.float()
-            text_embeds = output.text_embeds.float()
-            image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-            text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-            out.append((image_embeds * text_embeds).sum(dim=-1).cpu())
-        return torch.cat(out)
+        return score_in_batches(images, prompts, self.batch_size, self._cosine_batch)
+
+    def _cosine_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std)
+        tokens = self.tokenizer(prompts, padding=True, truncation=True,
+                                max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
+        output = self.model(input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device),
+                            pixel_values=pixels.to(next(self.model.parameters()).dtype))
+        image_embeds = output.image_embeds.float()
+        text_embeds = output.text_embeds.float()
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        return (image_embeds * text_embeds).sum(dim=-1)
 
 
 class CLIPScore(_CLIPSimilarity):

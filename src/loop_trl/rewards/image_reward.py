@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import clip_preprocess, load_state_dict_file, to_image_tensor
+from .base import clip_preprocess, load_state_dict_file, score_in_batches
 
 __all__ = ["ImageReward", "ImageRewardModel", "blip_vision_to_transformers", "image_reward_configs"]
 
@@ -146,15 +146,11 @@ class ImageReward:
 
     @torch.no_grad()
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
-        images = to_image_tensor(images)
-        if len(images) != len(prompts):
-            raise ValueError(f"Got {len(images)} images for {len(prompts)} prompts; the reward scores each image with its prompt.")
-        dtype = next(self.model.parameters()).dtype
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = clip_preprocess(images[start:start + self.batch_size].to(self.device), self.image_size, CLIP_MEAN, CLIP_STD)
-            tokens = self.tokenizer(list(prompts[start:start + self.batch_size]), padding="max_length", truncation=True,
-                                    max_length=self.max_length, return_tensors="pt")
-            raw = self.model(pixels.to(dtype), tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-            out.append(raw.float().cpu())
-        return (torch.cat(out) - SCORE_MEAN) / SCORE_STD, {}
+        return (score_in_batches(images, prompts, self.batch_size, self._raw_batch) - SCORE_MEAN) / SCORE_STD, {}
+
+    def _raw_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(self.device), self.image_size, CLIP_MEAN, CLIP_STD)
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        return self.model(pixels.to(next(self.model.parameters()).dtype), tokens["input_ids"].to(self.device),
+                          tokens["attention_mask"].to(self.device))
