@@ -2,13 +2,15 @@
 
     python benchmarks/profile_epoch.py --output_dir benchmarks/results/profile
     python benchmarks/profile_epoch.py --gradient_checkpointing --offload_trajectories
+    python benchmarks/profile_epoch.py --train_timesteps_per_forward 10
 
 Runs --epochs epochs of LOOP on the shapes testbed (after one warm-up epoch that is not counted)
 and reads the trainer's per-epoch timers: sampling (text encoding, UNet passes, DDIM steps, VAE
 decode), reward, training (log-prob forward and backward passes, optimizer steps) and the rest of
 the epoch. The floor runs the UNet calls that sampling and training make, on tensors of the same
 shapes, with nothing around them: sampling_floor is T guided forward passes per sampling batch,
-training_floor the guided forward and backward passes of every trained (minibatch, timestep).
+training_floor the guided forward and backward passes of every trained (minibatch, timestep), in
+calls of train_batch_size x --train_timesteps_per_forward rows.
 Prints medians and ratios from this one run and writes profile.json.
 """
 
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="LOOPConfig.gradient_checkpointing")
     parser.add_argument("--offload_trajectories", action="store_true", help="LOOPConfig.offload_trajectories")
+    parser.add_argument("--train_timesteps_per_forward", type=int, default=1,
+                        help="LOOPConfig.train_timesteps_per_forward: trained steps of a trajectory scored in one forward pass")
     parser.add_argument("--floor_repeats", type=int, default=3, help="times the floor is measured (median taken)")
     return parser.parse_args(argv)
 
@@ -61,8 +65,8 @@ def floor_seconds(policy, config, device: torch.device) -> dict[str, float]:
     sampled = clock(device)
     minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
     for _ in range(minibatches * config.train_num_inner_epochs):
-        for _ in range(config.num_train_timesteps):
-            call(config.train_batch_size).float().square().mean().backward()
+        for _ in range(config.num_train_timesteps // config.train_timesteps_per_forward):
+            call(config.train_batch_size * config.train_timesteps_per_forward).float().square().mean().backward()
     trained = clock(device)
     unet.zero_grad(set_to_none=True)
     return {"sampling": sampled - started, "training": trained - sampled}
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
         sample_num_steps=args.num_steps, sample_guidance_scale=args.guidance, sample_batch_size=args.sample_batch_size,
         sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch_size, train_batch_size=args.train_batch_size,
         train_learning_rate=1e-3, gradient_checkpointing=args.gradient_checkpointing,
-        offload_trajectories=args.offload_trajectories)
+        offload_trajectories=args.offload_trajectories, train_timesteps_per_forward=args.train_timesteps_per_forward)
     trainer = LOOPTrainer(config, ShapesReward(), train_prompts(), load_policy(lora_rank=args.lora_rank))
     device = trainer.accelerator.device
     epochs = []

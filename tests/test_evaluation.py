@@ -40,6 +40,10 @@ def test_images_do_not_depend_on_which_batches_run_together(tiny_sd_path):
     assert set(whole.values) == {"bright"} and whole.categories[:2] == ["red", "red"]
     other_seed = sample_and_score(policy, brightness, PROMPTS, **{**kwargs, "seed": 4})
     assert other_seed.rewards != whole.rewards
+    # each image has its own noise: another batch size gives the same images (up to float32 kernels
+    # that sum in another order for another batch size)
+    rebatched = sample_and_score(policy, brightness, PROMPTS, **{**kwargs, "batch_size": 8}).rewards
+    assert rebatched == pytest.approx(whole.rewards, abs=1e-5) and other_seed.rewards != pytest.approx(whole.rewards, abs=1e-3)
 
 
 def test_trainer_evaluates_on_schedule_and_logs_under_eval(tmp_path, tiny_sd_path):

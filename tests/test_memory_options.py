@@ -66,3 +66,30 @@ def test_smaller_minibatches_with_accumulation_give_the_same_update(tmp_path, ti
     scale = max(float(g.abs().max()) for g in g_whole.values())
     for name, grad in g_halves.items():  # equal up to float32 summation order
         torch.testing.assert_close(grad, g_whole[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_timesteps_per_forward_give_the_same_gradient(tmp_path, tiny_sd_path):
+    """Scoring several trained steps of each trajectory in one forward pass is a speed knob only:
+    the optimizer receives the same accumulated gradient as with one step per forward pass."""
+    per_forward = 3  # every step of the 3-step trajectories in one pass
+    one = make_trainer(tmp_path / "one", tiny_sd_path, train_batch_size=8)
+    fused = make_trainer(tmp_path / "fused", tiny_sd_path, train_batch_size=8, train_timesteps_per_forward=per_forward)
+    calls = []
+    forward = fused.policy.denoiser.forward
+    fused.policy.denoiser.forward = lambda *a, **k: calls.append(a[0].shape[0]) or forward(*a, **k)
+    grads_one, grads_fused = capture_gradients(one), capture_gradients(fused)
+    assert (one.step(0, 0), fused.step(0, 0)) == (1, 1)
+    (g_one,), (g_fused,) = grads_one, grads_fused
+    assert any(bool(g.abs().max() > 0) for g in g_one.values())
+    # guidance 2 doubles each call's batch: 8 trajectories x 3 steps x 2 branches in one training call
+    assert calls[-1] == 8 * per_forward * 2
+    scale = max(float(g.abs().max()) for g in g_one.values())
+    for name, grad in g_fused.items():
+        torch.testing.assert_close(grad, g_one[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_timesteps_per_forward_must_divide_the_trained_steps(tmp_path):
+    from test_trainer import small_config
+
+    with pytest.raises(ValueError, match="train_timesteps_per_forward .* divides the steps trained per trajectory"):
+        small_config(tmp_path, sample_num_steps=4, train_timestep_fraction=0.75, train_timesteps_per_forward=2)

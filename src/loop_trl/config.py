@@ -114,6 +114,7 @@ class LOOPConfig:
     train_timestep_stop: Optional[int] = field(default=None, metadata={"help": "End (exclusive) of the eligible denoising steps; negative counts from the end, so -2 never trains the final two steps (whose tiny noise makes their gradient large and their effect on the image small). None: up to the last step."})
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the eligible denoising steps trained on per trajectory, drawn at random for each sample and inner epoch (at least one)."})
     train_timestep_weights: Optional[Union[list, str]] = field(default=None, metadata={"help": "Optional loss weight per denoising step (a list of sample_num_steps numbers >= 0, JSON on the command line such as '[1, 1, 0.5]'); scaled to mean 1 over the eligible steps. None weighs every step equally."})
+    train_timesteps_per_forward: int = field(default=1, metadata={"help": "Trained denoising steps of each trajectory that go through the denoiser together in one forward and backward pass (the pass's batch is train_batch_size times this); must divide the steps trained per trajectory. The gradient is the same; larger values trade memory for speed (for small models and on CPUs, fewer and larger calls are much faster)."})
     train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts' or 'polynomial'."})
     train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
     log_per_step_metrics: bool = field(default=False, metadata={"help": "Also log, each epoch, the clip fraction and mean |log-ratio| by denoising step index (steps/{index}/...), to see what each step contributes."})
@@ -196,6 +197,12 @@ class LOOPConfig:
             normalized_step_weights(self.train_timestep_weights, self.sample_num_steps, steps)
         except (ValueError, TypeError) as error:
             raise ValueError(str(error)) from None
+        per_forward = self.train_timesteps_per_forward
+        check(isinstance(per_forward, int) and not isinstance(per_forward, bool) and per_forward >= 1
+              and self.num_train_timesteps % per_forward == 0,
+              f"train_timesteps_per_forward must be an integer >= 1 that divides the steps trained per trajectory "
+              f"({self.num_train_timesteps} = train_timestep_fraction {self.train_timestep_fraction} of "
+              f"{len(self.train_timesteps)} eligible steps), got {per_forward!r}.")
         check(isinstance(self.eval_freq, int) and self.eval_freq >= 0, f"eval_freq must be an integer >= 0, got {self.eval_freq!r}.")
         for name in ("eval_num_steps", "eval_batch_size"):
             value = getattr(self, name)

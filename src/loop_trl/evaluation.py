@@ -1,9 +1,10 @@
 """Evaluation on fixed prompts and fixed noise: sample, score, summarise.
 
-:func:`sample_and_score` draws ``images_per_prompt`` images for each prompt. Batch ``b`` of the
-job list always gets the noise of a generator seeded with ``(seed, b)``, so the images do not
-depend on how many processes share the work or when in the run it is done: two evaluations of
-the same weights give the same images, and two of different weights differ only by the weights.
+:func:`sample_and_score` draws ``images_per_prompt`` images for each prompt. Image ``j`` of the
+job list always gets the noise of its own generator, seeded with ``(seed, j)``, so the images do
+not depend on the batch size, on how many processes share the work or on when in the run it is
+done: two evaluations of the same weights give the same images, and two of different weights
+differ only by the weights.
 
 :func:`summarize` turns the scored samples into metrics: the mean reward and its standard error,
 the mean and standard error of every per-image number the reward reports in its metadata (for
@@ -96,7 +97,8 @@ def sample_and_score(
     for b in tqdm(chosen, desc="evaluating", leave=False, disable=not progress):
         batch_prompts = [prompts[i] for i in batches[b]]
         batch_metadata = [metadata[i] for i in batches[b]]
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
+        generator = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+                     for j in range(b * batch_size, b * batch_size + len(batch_prompts))]
         traj = policy.sample(batch_prompts, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                              generator=generator, negative_prompt=negative_prompt)
         output = reward_function(traj.images, batch_prompts, batch_metadata)

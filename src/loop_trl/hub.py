@@ -12,7 +12,7 @@ __all__ = ["make_model_card", "upload_to_hub"]
 _CARD_KEYS = ("num_samples_per_prompt", "advantage_estimator", "num_epochs", "sample_num_steps", "sample_eta",
               "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
               "train_learning_rate", "train_num_inner_epochs", "train_clip_range", "train_timestep_start",
-              "train_timestep_stop", "train_timestep_fraction", "mixed_precision", "seed")
+              "train_timestep_stop", "train_timestep_fraction", "train_lr_scheduler", "mixed_precision", "seed")
 
 
 def make_model_card(*, base_model: str | None, reward_name: str, config: dict[str, Any], repo_id: str | None = None,

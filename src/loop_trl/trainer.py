@@ -132,7 +132,8 @@ class LOOPTrainer:
             # several processes without GPUs: accelerate forms a CPU (gloo) group only when told to use the CPU
             accelerator_kwargs.setdefault("cpu", True)
         # one optimizer step per train_gradient_accumulation_steps minibatches, all trained timesteps included
-        self._accumulation_steps = config.train_gradient_accumulation_steps * config.num_train_timesteps
+        self._accumulation_steps = (config.train_gradient_accumulation_steps * config.num_train_timesteps
+                                    // config.train_timesteps_per_forward)
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
@@ -437,7 +438,10 @@ class LOOPTrainer:
         trajectories, advantages = trajectories[perm], advantages[perm.to(advantages.device)]
         steps = select_timesteps(n, self.train_steps, config.num_train_timesteps, generator).to(accelerator.device)
         weights = self.step_weights.to(accelerator.device)
-        rows = torch.arange(config.train_batch_size, device=steps.device)
+        per_forward = config.train_timesteps_per_forward
+        # one forward pass scores per_forward steps of each trajectory: its rows are the minibatch repeated
+        rows = torch.arange(config.train_batch_size, device=steps.device).repeat(per_forward)
+        positions = torch.arange(len(rows), device=steps.device)
         guidance = None if config.train_cfg else 1.0
 
         window: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -448,12 +452,14 @@ class LOOPTrainer:
         for start in tqdm(range(0, n, config.train_batch_size), desc=f"epoch {epoch}: training", leave=False,
                           disable=not accelerator.is_local_main_process):
             batch = trajectories[slice(start, start + config.train_batch_size)].to(accelerator.device)
-            batch_adv = advantages[start:start + config.train_batch_size]
-            for j in range(config.num_train_timesteps):
-                step = steps[start:start + config.train_batch_size, j]
+            batch_adv = advantages[start:start + config.train_batch_size].repeat(per_forward)
+            if per_forward > 1:
+                batch = batch[rows]
+            for j in range(0, config.num_train_timesteps, per_forward):
+                step = steps[start:start + config.train_batch_size, j:j + per_forward].T.reshape(-1)
                 with accelerator.accumulate(self.policy.denoiser):
                     log_prob = self.policy.log_prob(batch, step, guidance_scale=guidance)
-                    old_log_prob = batch.log_probs[rows, step]
+                    old_log_prob = batch.log_probs[positions, step]
                     out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range, weights[step])
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
