@@ -7,8 +7,9 @@ group normalisation, on the shapes testbed, with the same images per epoch for e
 
 The defaults are examples/train_shapes.py's settings before its cosine decay (binding prompts, no
 guidance, 64 images per epoch, 4 minibatches x 2 PPO passes, clip range 1e-3, the final two steps
-untrained, constant lr 2e-3) for 24 epochs; docs/benchmarks.md's results were made with them. PPO is DDPO's: one image per prompt, advantages from a per-prompt tracker whose
-min_count (--ppo_min_count) the run can reach; the table reports how often it engaged.
+untrained, constant lr 2e-3) for 24 epochs; docs/benchmarks.md's results were made with them.
+PPO is DDPO's: one image per prompt, advantages from a per-prompt tracker whose min_count
+(--ppo_min_count) the run can reach; the table reports how often it engaged.
 
 Every (method, seed, learning rate) runs in its own process (so peak memory is its own) and writes
 runs/<name>.json; a finished run is not repeated when the command is run again. Each run is

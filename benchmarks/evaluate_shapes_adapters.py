@@ -24,13 +24,14 @@ def main(argv=None) -> None:
     parser.add_argument("--lora_rank", type=int, default=ShapesArguments.lora_rank, help="LoRA rank of the adapters")
     args = parser.parse_args(argv)
 
+    from loop_trl import LOOPConfig
     from loop_trl.evaluation import sample_and_score, summarize
     from loop_trl.testbeds.shapes import ShapesReward, evaluate, heldout_prompts, load_policy, train_eval_prompts
 
-    d = defaults()
+    d = vars(LOOPConfig(**defaults()))  # the example's settings, with LOOPConfig's defaults for the rest
     prompts = train_eval_prompts(ShapesArguments.num_train_eval_prompts)["binding"]
     held_out = {"binding": heldout_prompts(per_family=ShapesArguments.num_heldout_prompts, seed=0)["binding"]}
-    sampler = dict(num_steps=d["sample_num_steps"], guidance_scale=d["sample_guidance_scale"], eta=1.0)
+    sampler = dict(num_steps=d["sample_num_steps"], guidance_scale=d["sample_guidance_scale"], eta=d["sample_eta"])
     print(f"fixed-noise evaluation: {len(prompts)} training prompts x {d['eval_num_images_per_prompt']} images "
           f"(eval_seed {d['eval_seed']}); held-out: {len(held_out['binding'])} prompts x "
           f"{ShapesArguments.heldout_images_per_prompt} images; {sampler}")
