@@ -7,7 +7,13 @@ group normalisation, on the shapes testbed, with the same images per epoch for e
 
 The defaults are examples/train_shapes.py's settings before its cosine decay (binding prompts, no
 guidance, 64 images per epoch, 4 minibatches x 2 PPO passes, clip range 1e-3, the final two steps
-untrained, constant lr 2e-3) for 24 epochs; docs/benchmarks.md's results were made with them.
+untrained, constant lr 2e-3) for 24 epochs; docs/benchmarks.md's first table was made with them.
+Its second table uses the example's current training settings:
+
+    python benchmarks/compare_algorithms.py --output_dir benchmarks/results/compare_cosine \
+        --methods loop ppo --epochs 28 --lr_scheduler cosine --timestep_stop -4 \
+        --timestep_fraction 0.67 --timesteps_per_forward 4 --sample_batch_size 64 --eval_every 7
+
 PPO is DDPO's: one image per prompt, advantages from a per-prompt tracker whose min_count
 (--ppo_min_count) the run can reach; the table reports how often it engaged.
 
@@ -61,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training minibatches per optimizer step (64 images, batch 16, 1: four steps per pass)")
     parser.add_argument("--timestep_stop", type=int, default=-2, help="LOOPConfig.train_timestep_stop")
     parser.add_argument("--timestep_fraction", type=float, default=0.5, help="fraction of each trajectory's eligible steps trained")
+    parser.add_argument("--timesteps_per_forward", type=int, default=1,
+                        help="LOOPConfig.train_timesteps_per_forward (a speed setting; the gradient is the same)")
+    parser.add_argument("--lr_scheduler", default="constant", help="LOOPConfig.train_lr_scheduler, e.g. 'cosine'")
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--clip_range", type=float, default=1e-3, help="PPO clip range (methods with clipping)")
     parser.add_argument("--inner_epochs", type=int, default=2, help="PPO passes per epoch (methods with clipping)")
@@ -75,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--offload_trajectories", action="store_true", help="LOOPConfig.offload_trajectories")
     parser.add_argument("--run_one", default=None, help=argparse.SUPPRESS)  # internal: method:seed:lr
     return parser.parse_args(argv)
+
+
+def write_json_atomically(path: str, value) -> None:
+    with open(path + f".{os.getpid()}.tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + f".{os.getpid()}.tmp", path)
 
 
 def run_name(method: str, seed: int, lr: float) -> str:
@@ -104,7 +119,8 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
         mixed_precision=args.mixed_precision, sample_num_steps=args.num_steps, sample_guidance_scale=args.guidance,
         sample_batch_size=args.sample_batch_size, sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch_size,
         train_batch_size=args.train_batch_size, train_gradient_accumulation_steps=args.gradient_accumulation_steps,
-        train_timestep_stop=args.timestep_stop, train_timestep_fraction=args.timestep_fraction, train_learning_rate=lr,
+        train_timestep_stop=args.timestep_stop, train_timestep_fraction=args.timestep_fraction,
+        train_timesteps_per_forward=args.timesteps_per_forward, train_learning_rate=lr, train_lr_scheduler=args.lr_scheduler,
         save_freq=10**9, eval_freq=args.eval_every, eval_seed=1, eval_num_images_per_prompt=args.eval_images_per_prompt,
         gradient_checkpointing=args.gradient_checkpointing, offload_trajectories=args.offload_trajectories, **settings)
     training, evaluated, held_out = prompt_sets(args)
@@ -267,14 +283,11 @@ def main(argv=None) -> None:
         method, seed, lr = args.run_one.split(":")
         result = run_one(args, method, int(seed), float(lr))
         path = os.path.join(args.output_dir, "runs", run_name(method, int(seed), float(lr)) + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(path + ".tmp", path)
+        write_json_atomically(path, result)
         return
     base_path = os.path.join(args.output_dir, "runs", "base.json")
-    if not os.path.exists(base_path):
-        with open(base_path, "w") as f:
-            json.dump(base_accuracy(args), f)
+    if not os.path.exists(base_path):  # written whole or not at all, so several invocations can share a folder
+        write_json_atomically(base_path, base_accuracy(args))
     with open(base_path) as f:
         base = json.load(f)
     own = [a for a in (argv if argv is not None else sys.argv[1:])]
