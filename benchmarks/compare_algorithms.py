@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="LOOPConfig.train_timesteps_per_forward (a speed setting; the gradient is the same)")
     parser.add_argument("--lr_scheduler", default="constant", help="LOOPConfig.train_lr_scheduler, e.g. 'cosine'")
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--strict_bonus", type=float, default=0.0,
+                        help="training reward (score + b * strict) / (1 + b) (ShapesReward's strict_bonus; 0: the plain score)")
     parser.add_argument("--clip_range", type=float, default=1e-3, help="PPO clip range (methods with clipping)")
     parser.add_argument("--inner_epochs", type=int, default=2, help="PPO passes per epoch (methods with clipping)")
     parser.add_argument("--ppo_min_count", type=int, default=4,
@@ -124,8 +126,8 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
         save_freq=10**9, eval_freq=args.eval_every, eval_seed=1, eval_num_images_per_prompt=args.eval_images_per_prompt,
         gradient_checkpointing=args.gradient_checkpointing, offload_trajectories=args.offload_trajectories, **settings)
     training, evaluated, held_out = prompt_sets(args)
-    trainer = LOOPTrainer(config, ShapesReward(), training, load_policy(lora_rank=args.lora_rank, lora_seed=seed),
-                          eval_prompts=evaluated)
+    trainer = LOOPTrainer(config, ShapesReward(strict_bonus=args.strict_bonus), training,
+                          load_policy(lora_rank=args.lora_rank, lora_seed=seed), eval_prompts=evaluated)
     epochs = []
     trainer.train()
     for m in trainer.log_history:
@@ -134,7 +136,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
                            "reward_mean": m["reward_mean"], "tracker_engaged_fraction": m.get("tracker_engaged_fraction"),
                            **{k: m[k] for k in m if k.startswith("time_")}})
     evals = [{"images": m["eval/epochs_completed"] * args.images_per_epoch, "strict": m["eval/strict_mean"],
-              "strict_sem": m["eval/strict_sem"], "score": m["eval/reward_mean"]}
+              "strict_sem": m["eval/strict_sem"], "score": m["eval/score_mean"]}
              for m in trainer.log_history if "eval/strict_mean" in m]
     heldout = evaluate(trainer.policy, held_out, args.eval_images_per_prompt, seed=1, num_steps=args.num_steps,
                        guidance_scale=args.guidance)

@@ -50,6 +50,7 @@ class ShapesArguments:
     heldout_images_per_prompt: int = field(default=4, metadata={"help": "Images per held-out prompt."})
     base_guidance_scales: str = field(default="3", metadata={"help": "When training without guidance: other guidance scales at which the base model is also evaluated (comma-separated; empty skips)."})
     diffusers_check: bool = field(default=True, metadata={"help": "After training, also sample the training-evaluation prompts with a plain diffusers StableDiffusionPipeline (its default scheduler settings), without and with the saved adapter."})
+    strict_bonus: float = field(default=0.0, metadata={"help": "Training reward (score + b * strict) / (1 + b): b > 0 weighs a fully correct image above the partial credit (0 trains on the plain fraction of requirements met). Evaluations always report strict accuracy and the plain score."})
     grid_prompts: int = field(default=6, metadata={"help": "Training-evaluation prompts shown in before_after.png."})
 
 
@@ -109,7 +110,7 @@ def plot_curves(history: list[dict], images_per_epoch: int, path: str, window: i
     left.set(xlabel="sampled images", ylabel="mean training reward", title="training reward (K=4)")
     left.legend(fontsize=8)
     eval_images = np.array([h["eval/epochs_completed"] for h in evals]) * images_per_epoch
-    for key, label in (("eval/strict_mean", "strict accuracy"), ("eval/reward_mean", "mean verifier score")):
+    for key, label in (("eval/strict_mean", "strict accuracy"), ("eval/score_mean", "mean verifier score")):
         mean = np.array([h[key] for h in evals])
         sem = np.array([h[key.replace("_mean", "_sem")] for h in evals])
         right.plot(eval_images, mean, marker="o", label=label)
@@ -161,7 +162,7 @@ def main() -> None:
     shown = eval_set[::max(1, len(eval_set) // args.grid_prompts)][:args.grid_prompts]
 
     policy = load_policy(lora_rank=args.lora_rank, lora_seed=config.seed)
-    trainer = LOOPTrainer(config, ShapesReward(), eval_set if args.train_on == "eval_prompts" else training, policy,
+    trainer = LOOPTrainer(config, ShapesReward(strict_bonus=args.strict_bonus), eval_set if args.train_on == "eval_prompts" else training, policy,
                           eval_prompts=eval_set)
     heldout = lambda guidance: evaluate(policy, held_out, args.heldout_images_per_prompt, seed=config.eval_seed,  # noqa: E731
                                         num_steps=config.sample_num_steps, guidance_scale=guidance, eta=config.sample_eta)
@@ -194,12 +195,12 @@ def main() -> None:
     lines = [f"fixed training prompts ({int(a['eval/num_images'])} images, eval_seed {config.eval_seed}):",
              f"  strict accuracy {b['eval/strict_mean']:.3f} +- {b['eval/strict_sem']:.3f} -> "
              f"{a['eval/strict_mean']:.3f} +- {a['eval/strict_sem']:.3f}",
-             f"  mean score      {b['eval/reward_mean']:.3f} +- {b['eval/reward_sem']:.3f} -> "
-             f"{a['eval/reward_mean']:.3f} +- {a['eval/reward_sem']:.3f}",
+             f"  mean score      {b['eval/score_mean']:.3f} +- {b['eval/score_sem']:.3f} -> "
+             f"{a['eval/score_mean']:.3f} +- {a['eval/score_sem']:.3f}",
              f"held-out strict accuracy: {metrics['heldout_before']['overall']:.3f} +- {metrics['heldout_before']['overall_sem']:.3f}"
              f" -> {metrics['heldout_after']['overall']:.3f} +- {metrics['heldout_after']['overall_sem']:.3f}"]
     for scale, m in metrics["base_at_other_guidance"].items():
-        lines.append(f"base model at guidance {scale}: strict {m['strict_mean']:.3f}, mean score {m['reward_mean']:.3f}")
+        lines.append(f"base model at guidance {scale}: strict {m['strict_mean']:.3f}, mean score {m['score_mean']:.3f}")
     if "diffusers_pipeline" in metrics:
         d = metrics["diffusers_pipeline"]
         lines.append(f"plain StableDiffusionPipeline ({d['settings']['scheduler']}, eta 0): strict {d['base']['strict']:.3f} -> "

@@ -61,9 +61,9 @@ def test_config_reference_is_up_to_date():
 @pytest.mark.slow
 def test_train_shapes_example_writes_its_outputs(tmp_path):
     run(os.path.join(ROOT, "examples", "train_shapes.py"), "--num_epochs", "2", "--save_freq", "2", "--eval_freq", "1",
-        "--sample_num_batches_per_epoch", "1", "--families", "binding,spatial", "--num_train_eval_prompts", "2",
+        "--sample_batch_size", "16", "--train_batch_size", "8", "--families", "binding,spatial", "--num_train_eval_prompts", "2",
         "--eval_num_images_per_prompt", "2", "--num_heldout_prompts", "2", "--heldout_images_per_prompt", "1",
-        "--base_guidance_scales", "3",
+        "--base_guidance_scales", "3", "--strict_bonus", "1",
         "--grid_prompts", "2", "--output_dir", "shapes-run", cwd=tmp_path)
     out = tmp_path / "shapes-run"
     assert {"learning_curve.png", "before_after.png", "metrics.json", "pytorch_lora_weights.safetensors",
@@ -73,6 +73,8 @@ def test_train_shapes_example_writes_its_outputs(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     evals = [h for h in metrics["history"] if "eval/strict_mean" in h]
     assert [h["eval/epochs_completed"] for h in evals] == [0, 1, 2]  # before training, then every epoch
+    for h in evals:  # trained on (score + strict) / 2; the plain score and strict accuracy are reported beside it
+        assert h["eval/reward_mean"] == pytest.approx((h["eval/score_mean"] + h["eval/strict_mean"]) / 2)
     assert metrics["train_prompts_before"]["eval/num_images"] == 4  # 2 families x 1 prompt x 2 images
     assert set(metrics["heldout_before"]) == set(metrics["heldout_after"])
     assert set(metrics["base_at_other_guidance"]) == {"3.0"}
@@ -82,6 +84,7 @@ def test_train_shapes_example_writes_its_outputs(tmp_path):
     assert "from loop_trl.testbeds.shapes import load_pipeline" in card  # loadable anywhere, not this machine's path
     assert "num_inference_steps=10, guidance_scale=1.0, eta=1.0" in card  # the run's sampler settings
     assert "other 3 images" in card and str(tmp_path) not in card
+    assert "`ShapesReward(strict_bonus=1)`" in card  # the reward it was trained on, with its setting
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "examples", "configs"))))

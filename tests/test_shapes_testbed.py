@@ -72,6 +72,20 @@ def test_reward_function_signature_and_metadata():
         parse_prompt("a photo of a cat")
 
 
+def test_strict_bonus_weighs_a_full_pass_above_partial_credit():
+    image = torch.from_numpy(np.asarray(render(_two(("red", "circle"), ("blue", "square")), 32))).permute(2, 0, 1).float() / 255
+    prompts = ["a red circle and a blue square", "a red circle and a blue triangle", "a blue circle and a red square"]
+    images = image.expand(3, -1, -1, -1)
+    plain, meta = ShapesReward()(images, prompts, [{}] * 3)
+    shaped, shaped_meta = ShapesReward(strict_bonus=1.0)(images, prompts, [{}] * 3)
+    assert plain.tolist() == meta["score"].tolist() == [1.0, 0.5, 0.0]
+    assert shaped.tolist() == [1.0, 0.25, 0.0]  # (score + 1 * strict) / 2
+    assert shaped_meta["score"].tolist() == [1.0, 0.5, 0.0] and shaped_meta["strict"].tolist() == [True, False, False]
+    assert ShapesReward(strict_bonus=1.0).__name__ == "ShapesReward(strict_bonus=1)"  # what the model card names
+    with pytest.raises(ValueError, match="strict_bonus must be >= 0"):
+        ShapesReward(strict_bonus=-0.5)
+
+
 def test_splits_hold_out_pairings():
     train, held = train_prompts(), heldout_prompts()
     everything = all_prompts()

@@ -10,8 +10,11 @@ triangle ~1/2). The score is the fraction of the prompt's requirements that hold
 * counting "two green triangles": one exists, and there are exactly two;
 * spatial "a red circle to the left of a blue square": each exists, and the first is left of the second.
 
-``reward_metadata["strict"]`` says whether all requirements hold and ``reward_metadata["category"]``
-names each prompt's family (evaluation breaks its metrics down by it).
+``reward_metadata["strict"]`` says whether all requirements hold, ``reward_metadata["score"]`` is
+the fraction itself and ``reward_metadata["category"]`` names each prompt's family (evaluation
+breaks its metrics down by it). With ``strict_bonus=b`` the reward is ``(score + b * strict) / (1 + b)``:
+still 0 when nothing holds and 1 when all do, but a full pass is worth more than the partial
+credit on the way to it.
 """
 
 from __future__ import annotations
@@ -123,13 +126,20 @@ def score(prompt: str, detections: Sequence[Detection]) -> tuple[float, bool]:
 class ShapesReward:
     """``reward_function`` for the shapes testbed: the fraction of the prompt's requirements met, in [0, 1].
 
-    ``reward_metadata`` holds ``strict`` (a (B,) bool tensor: all requirements met), ``family``
-    and ``category`` (each prompt's family) and ``detections``.
+    ``strict_bonus`` (>= 0) adds weight to a full pass: the reward is ``(score + strict_bonus * strict)
+    / (1 + strict_bonus)``, in [0, 1]. ``reward_metadata`` holds ``score`` (the fraction met, a (B,)
+    float tensor), ``strict`` (a (B,) bool tensor: all requirements met), ``family`` and ``category``
+    (each prompt's family) and ``detections``.
     """
 
-    def __init__(self, min_area_fraction: float = 0.012, max_color_distance: float = 90.0):
+    def __init__(self, min_area_fraction: float = 0.012, max_color_distance: float = 90.0, strict_bonus: float = 0.0):
+        if not strict_bonus >= 0:
+            raise ValueError(f"strict_bonus must be >= 0 (0 rewards the fraction of requirements met), got {strict_bonus!r}.")
         self.min_area_fraction = min_area_fraction
         self.max_color_distance = max_color_distance
+        self.strict_bonus = float(strict_bonus)
+        # the name the trainer's model card gives the reward
+        self.__name__ = "ShapesReward" if not strict_bonus else f"ShapesReward(strict_bonus={strict_bonus:g})"
 
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
         array = torch.as_tensor(images).detach().float().clamp(0, 1).mul(255).round().byte()
@@ -142,5 +152,7 @@ class ShapesReward:
             strict.append(passed)
             families.append(parse_prompt(prompt)[0])
             all_detections.append(found)
-        return torch.tensor(scores), {"strict": torch.tensor(strict), "family": families, "category": families,
-                                      "detections": all_detections}
+        scores, strict = torch.tensor(scores, dtype=torch.float32), torch.tensor(strict)
+        reward = (scores + self.strict_bonus * strict.float()) / (1 + self.strict_bonus)
+        return reward, {"score": scores, "strict": strict, "family": families, "category": families,
+                        "detections": all_detections}
