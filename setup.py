@@ -29,7 +29,7 @@ setup(
         "matplotlib",  # reward curves and benchmark plots
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard", "hypothesis", "matplotlib", "rapidocr_onnxruntime>=1.4", "werkzeug>=3",
+        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard", "hypothesis", "matplotlib", "rapidocr_onnxruntime>=1.4", "werkzeug>=3",
                  "requests>=2.31"],
         "server": ["werkzeug>=3", "requests>=2.31"],  # the reward server and RemoteReward
         "ocr": ["rapidocr_onnxruntime>=1.4"],  # OCRReward: ships its ONNX models, runs offline

@@ -11,7 +11,7 @@ untrained, constant lr 2e-3) for 24 epochs; docs/benchmarks.md's first table was
 Its second table uses the example's current training settings:
 
     python benchmarks/compare_algorithms.py --output_dir benchmarks/results/compare_cosine \
-        --methods loop ppo --epochs 28 --lr_scheduler cosine --timestep_stop -4 \
+        --methods loop ppo reinforce_loo grpo --epochs 28 --lr_scheduler cosine --timestep_stop -4 \
         --timestep_fraction 0.67 --timesteps_per_forward 4 --sample_batch_size 64 --eval_every 7
 
 PPO is DDPO's: one image per prompt, advantages from a per-prompt tracker whose min_count

@@ -5,6 +5,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (the README's command): N test processes share the cores, so each computes with one
+    # thread, and so do the runs it launches; several threads per process would fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from loop_trl.testing import save_tiny_stable_diffusion  # noqa: E402
 

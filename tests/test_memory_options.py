@@ -64,8 +64,11 @@ def test_smaller_minibatches_with_accumulation_give_the_same_update(tmp_path, ti
     (g_whole,), (g_halves,) = grads_whole, grads_halves
     assert any(bool(g.abs().max() > 0) for g in g_whole.values())  # a real gradient, not all zeros
     scale = max(float(g.abs().max()) for g in g_whole.values())
-    for name, grad in g_halves.items():  # equal up to float32 summation order
-        torch.testing.assert_close(grad, g_whole[name], rtol=1e-4, atol=1e-5 * scale)
+    # Equal up to float32 summation order, whose error scales with the largest terms summed, not with each
+    # element (seen: 4e-10 on an element of 5e-7, with the largest gradient 3e-5). A lost or doubled
+    # microbatch would be off by tens of percent of `scale`.
+    for name, grad in g_halves.items():
+        torch.testing.assert_close(grad, g_whole[name], rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_timesteps_per_forward_give_the_same_gradient(tmp_path, tiny_sd_path):
