@@ -28,6 +28,8 @@ from loop_trl import LOOPConfig
         ({"tracker_kwargs": "{not json"}, "tracker_kwargs"),
         ({"accelerator_kwargs": "[1, 2]"}, "accelerator_kwargs"),
         ({"per_prompt_stat_tracking": True, "advantage_estimator": "group_norm"}, "per_prompt_stat_tracking"),
+        ({"train_lr_scheduler": "cosine", "train_lr_min_ratio": 1.0}, "train_lr_min_ratio"),
+        ({"train_lr_scheduler": "linear", "train_lr_min_ratio": 0.5}, "train_lr_min_ratio"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):

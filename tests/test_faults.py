@@ -141,3 +141,16 @@ def test_lr_scheduler_follows_optimizer_steps(tmp_path, tiny_sd_path):
         rates.append(trainer.optimizer.param_groups[0]["lr"])
     # 2 epochs x 2 optimizer steps: linear decay to 0 after 4 steps
     assert rates == pytest.approx([5e-3, 0.0])
+
+
+def test_cosine_can_end_above_zero(tmp_path, tiny_sd_path):
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    config = small_config(tmp_path, num_epochs=2, train_lr_scheduler="cosine", train_lr_min_ratio=0.25,
+                          train_learning_rate=1e-2)
+    trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, policy)
+    rates = []
+    for epoch in range(2):
+        trainer.step(epoch, trainer.global_step)
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    # 4 optimizer steps; halfway the cosine is midway between the peak and its floor, at the end on the floor
+    assert rates == pytest.approx([(1e-2 + 2.5e-3) / 2, 2.5e-3])

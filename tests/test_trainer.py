@@ -1,3 +1,4 @@
+import math
 import os
 
 import datasets
@@ -88,6 +89,13 @@ def test_prompt_sources(tmp_path, tiny_sd_path):
         make_trainer(tmp_path, tiny_sd_path, prompts=datasets.Dataset.from_dict({"text": PROMPTS}))
 
 
+def test_grad_norm_is_logged_before_clipping(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path, train_learning_rate=0.05, train_max_grad_norm=1e-8)
+    trainer.train(epochs=1)
+    norms = [h["grad_norm"] for h in trainer.log_history if "grad_norm" in h]
+    assert norms and all(math.isfinite(n) and n > 1e-6 for n in norms), norms  # the norm clipping saw, not 1e-8
+
+
 def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_path):
     trainer = make_trainer(tmp_path, tiny_sd_path, train_learning_rate=0.05, log_with="tensorboard")
     trainer.train(epochs=1)
@@ -97,7 +105,7 @@ def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_p
     events = EventAccumulator(str(logs)).Reload()
     logged = set(events.Tags()["scalars"])
     assert {"reward_mean", "reward_std", "reward_group_std", "onpolicy_max_abs_logratio", "loss", "approx_kl", "clipfrac",
-            "ratio", "learning_rate"} <= logged, logged
+            "ratio", "learning_rate", "grad_norm"} <= logged, logged
     out = tmp_path / "adapter"
     trainer.save_pretrained(str(out))
     assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors"]

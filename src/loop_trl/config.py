@@ -44,7 +44,7 @@ class LOOPConfig:
       ``train_num_inner_epochs``, ``train_cfg``, ``train_clip_range``,
       ``train_timestep_start``, ``train_timestep_stop``, ``train_timestep_fraction``,
       ``train_timestep_weights``, ``train_lr_scheduler``, ``train_lr_warmup_steps``,
-      ``log_per_step_metrics``.
+      ``train_lr_min_ratio``, ``log_per_step_metrics``.
 
     > Evaluation (with ``eval_prompts`` passed to the trainer): ``eval_freq``, ``eval_before_training``,
       ``eval_seed``, ``eval_num_images_per_prompt``, ``eval_num_steps``, ``eval_guidance_scale``,
@@ -117,6 +117,7 @@ class LOOPConfig:
     train_timesteps_per_forward: int = field(default=1, metadata={"help": "Trained denoising steps of each trajectory that go through the denoiser together in one forward and backward pass (the pass's batch is train_batch_size times this); must divide the steps trained per trajectory. The gradient is the same; larger values trade memory for speed (for small models and on CPUs, fewer and larger calls are much faster)."})
     train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts' or 'polynomial'."})
     train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
+    train_lr_min_ratio: float = field(default=0.0, metadata={"help": "With train_lr_scheduler='cosine': the rate the cosine ends at, as a fraction of train_learning_rate (0 decays to zero; 0.25 ends at a quarter). Must be in [0, 1)."})
     log_per_step_metrics: bool = field(default=False, metadata={"help": "Also log, each epoch, the clip fraction and mean |log-ratio| by denoising step index (steps/{index}/...), to see what each step contributes."})
 
     # Evaluation
@@ -244,6 +245,11 @@ class LOOPConfig:
               f"train_lr_scheduler must be one of {_LR_SCHEDULERS}, got {self.train_lr_scheduler!r}.")
         check(isinstance(self.train_lr_warmup_steps, int) and self.train_lr_warmup_steps >= 0,
               f"train_lr_warmup_steps must be an integer >= 0, got {self.train_lr_warmup_steps!r}.")
+        check(isinstance(self.train_lr_min_ratio, (int, float)) and 0 <= self.train_lr_min_ratio < 1,
+              f"train_lr_min_ratio must be in [0, 1), got {self.train_lr_min_ratio!r}.")
+        check(self.train_lr_min_ratio == 0 or self.train_lr_scheduler == "cosine",
+              f"train_lr_min_ratio={self.train_lr_min_ratio} sets where a cosine ends, but train_lr_scheduler is "
+              f"{self.train_lr_scheduler!r}; set train_lr_scheduler='cosine' or train_lr_min_ratio=0.")
         check(isinstance(self.max_workers, int) and self.max_workers >= 1,
               f"max_workers must be an integer >= 1, got {self.max_workers!r}.")
         check(self.reward_error in ("raise", "skip_group"),

@@ -20,6 +20,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
+from transformers import get_scheduler as get_transformers_scheduler
 
 from .advantages import PerPromptStatTracker, compute_advantages, group_reward_std
 from .config import LOOPConfig
@@ -178,10 +179,16 @@ class LOOPTrainer:
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         steps_per_epoch = config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
         # stepped by the trainer once per optimizer step that was taken; saved in checkpoints
-        self.lr_scheduler = get_scheduler(config.train_lr_scheduler, optimizer, num_warmup_steps=config.train_lr_warmup_steps,
-                                          num_training_steps=config.num_epochs * steps_per_epoch)
+        schedule = dict(optimizer=optimizer, num_warmup_steps=config.train_lr_warmup_steps,
+                        num_training_steps=config.num_epochs * steps_per_epoch)
+        if config.train_lr_min_ratio > 0:  # transformers has the cosine that ends above zero
+            self.lr_scheduler = get_transformers_scheduler("cosine_with_min_lr", **schedule,
+                                                            scheduler_specific_kwargs={"min_lr_rate": config.train_lr_min_ratio})
+        else:
+            self.lr_scheduler = get_scheduler(config.train_lr_scheduler, **schedule)
         accelerator.register_for_checkpointing(self.lr_scheduler)
         self.consecutive_nonfinite_steps = self.nonfinite_steps = 0
+        self.last_grad_norm = float("nan")
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -477,7 +484,7 @@ class LOOPTrainer:
                     global_step += 1
                     metrics = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in window.items()}
                     metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"],
-                                   nonfinite_steps=self.nonfinite_steps)
+                                   grad_norm=self.last_grad_norm, nonfinite_steps=self.nonfinite_steps)
                     self._log(metrics, global_step)
                     window.clear()
         self._timers["training"] += self._clock() - started
@@ -501,6 +508,8 @@ class LOOPTrainer:
         """Clip and step, unless the gradient norm is not finite: then skip, count, and stop after too many."""
         accelerator, config = self.accelerator, self.config
         grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.train_max_grad_norm)
+        # the norm before clipping, for the log; NaN where DeepSpeed clips inside its own step
+        self.last_grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         if accelerator.scaler is not None:  # fp16: the gradient scaler skips inf/NaN steps and lowers its scale
             self.optimizer.step()
             skipped = self.optimizer.step_was_skipped
