@@ -14,6 +14,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from loop_trl.testing import save_tiny_stable_diffusion  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Longest first: tests marked ``slow(minutes=M)`` by M, then the other slow ones, then the rest (file
+    order within each). Under `-n 2 --dist worksteal` the long learning run starts at once on one worker
+    and the other works through everything else, instead of the long run starting last and running alone."""
+    def rank(item):
+        marker = item.get_closest_marker("slow")
+        return (0, -marker.kwargs.get("minutes", 0)) if marker is not None else (1, 0)
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> str:
     """A tiny Stable Diffusion folder, saved once and loaded through from_pretrained by each test."""

@@ -48,4 +48,7 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         torch.save(latents, f"{out}/latents.pt")
         policy.save_adapter(out, state_dict=state)
+    # Both ranks leave together: a rank that tears gloo down while the other is still writing can abort
+    # ("terminate called without an active exception", seen once under `pytest -n 2`).
+    dist.barrier()
     dist.destroy_process_group()
