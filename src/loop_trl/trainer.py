@@ -232,6 +232,14 @@ class LOOPTrainer:
                 tracker.finish()
             self.accelerator.trackers = []
 
+    def end_training(self) -> None:
+        """Close the trackers and leave the process group, all processes together. Call it once at the end
+        of a script run with several processes: a process that exits with the group still up while
+        another is still working can abort at exit (seen with gloo: "terminate called without an active
+        exception"). The trainer cannot sample or train across processes afterwards."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
     def step(self, epoch: int, global_step: int) -> int:
         """One LOOP epoch: sample K trajectories per prompt, score, compute advantages, optimise.
 

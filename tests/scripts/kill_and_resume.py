@@ -67,3 +67,4 @@ if mode == "fresh" and kill_at == "checkpoint":
 
     trainer.accelerator.save_state = save_then_die
 trainer.train()
+trainer.end_training()

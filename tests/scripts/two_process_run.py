@@ -64,3 +64,4 @@ if mode == "full":  # 12 evaluation images in batches of 8: each rank samples on
     report["eval"] = trainer.evaluate(log=False)
 with open(f"{out}/rank_{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)
+trainer.end_training()
