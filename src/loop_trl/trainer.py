@@ -18,9 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
-from transformers import get_scheduler as get_transformers_scheduler
+from transformers import get_scheduler
 
 from .advantages import PerPromptStatTracker, compute_advantages, group_reward_std
 from .config import LOOPConfig
@@ -179,13 +178,14 @@ class LOOPTrainer:
         minibatches = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
         steps_per_epoch = config.train_num_inner_epochs * minibatches // config.train_gradient_accumulation_steps
         # stepped by the trainer once per optimizer step that was taken; saved in checkpoints
-        schedule = dict(optimizer=optimizer, num_warmup_steps=config.train_lr_warmup_steps,
-                        num_training_steps=config.num_epochs * steps_per_epoch)
-        if config.train_lr_min_ratio > 0:  # transformers has the cosine that ends above zero
-            self.lr_scheduler = get_transformers_scheduler("cosine_with_min_lr", **schedule,
-                                                            scheduler_specific_kwargs={"min_lr_rate": config.train_lr_min_ratio})
-        else:
-            self.lr_scheduler = get_scheduler(config.train_lr_scheduler, **schedule)
+        # (transformers' schedules: the same curves as diffusers' for every name offered, plus the cosine
+        # that ends above zero)
+        name, extra = config.train_lr_scheduler, None
+        if config.train_lr_min_ratio > 0:
+            name, extra = "cosine_with_min_lr", {"min_lr_rate": config.train_lr_min_ratio}
+        self.lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=config.train_lr_warmup_steps,
+                                          num_training_steps=config.num_epochs * steps_per_epoch,
+                                          scheduler_specific_kwargs=extra)
         accelerator.register_for_checkpointing(self.lr_scheduler)
         self.consecutive_nonfinite_steps = self.nonfinite_steps = 0
         self.last_grad_norm = float("nan")
