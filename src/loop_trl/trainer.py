@@ -590,6 +590,9 @@ class LOOPTrainer:
             os.makedirs(partial)
         accelerator.wait_for_everyone()
         accelerator.save_state(partial)
+        # every process writes its own files (its RNG states) into the folder: all must be done before
+        # the main process renames it (seen: a busy rank 1 found checkpoint_1.partial already gone)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"epoch": self.first_epoch, "global_step": self.global_step,
                      "stat_tracker": self.stat_tracker.state_dict()}
