@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -234,11 +235,24 @@ class LOOPTrainer:
 
     def end_training(self) -> None:
         """Close the trackers and leave the process group, all processes together. Call it once at the end
-        of a script run with several processes: a process that exits with the group still up while
-        another is still working can abort at exit (seen with gloo: "terminate called without an active
-        exception"). The trainer cannot sample or train across processes afterwards."""
+        of a script run with several processes. The trainer cannot sample or train across processes
+        afterwards; it can still sample, evaluate and save in this process.
+
+        Leaving the group is not enough on its own: the DDP wrapper keeps the group object, and with it
+        gloo's worker threads, alive until the interpreter shuts down. A worker that drops its last
+        finished collective then needs the GIL to free that collective's Python tensors, and a thread
+        that asks for the GIL during shutdown aborts the process ("terminate called without an active
+        exception"; pytorch/pytorch#190489). So the wrapper is dropped here and the group's threads are
+        joined now. The group must go last, from the Python handle held below: that handle lets go of
+        the GIL while the threads finish, where the wrapper's C++ reducer would hold it (a deadlock)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        group = torch.distributed.group.WORLD if distributed else None
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        self.policy.denoiser = self.accelerator.unwrap_model(self.policy.denoiser)
+        self.accelerator.free_memory()  # accelerate's own references to the wrapper and the optimizer
+        gc.collect()
+        del group  # the last reference: the group's threads are joined here, with the GIL released
 
     def step(self, epoch: int, global_step: int) -> int:
         """One LOOP epoch: sample K trajectories per prompt, score, compute advantages, optimise.

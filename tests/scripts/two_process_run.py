@@ -8,6 +8,7 @@ come from one process. Each rank writes what it saw to OUT/rank_N.json for the t
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -65,3 +66,8 @@ if mode == "full":  # 12 evaluation images in batches of 8: each rank samples on
 with open(f"{out}/rank_{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)
 trainer.end_training()
+# the group's worker threads must be gone before the interpreter shuts down (see LOOPTrainer.end_training)
+tasks = "/proc/self/task"
+threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
+with open(f"{out}/threads_at_exit_{accelerator.process_index}.json", "w") as f:
+    json.dump(threads, f)
