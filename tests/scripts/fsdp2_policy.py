@@ -8,6 +8,7 @@ Both processes draw the same noise, so the averaged gradient is the single-proce
 writes OUT/latents.pt (the sampled trajectory's latents) and OUT/pytorch_lora_weights.safetensors.
 """
 
+import os
 import sys
 
 import torch
@@ -48,7 +49,12 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         torch.save(latents, f"{out}/latents.pt")
         policy.save_adapter(out, state_dict=state)
-    # Both ranks leave together: a rank that tears gloo down while the other is still writing can abort
-    # ("terminate called without an active exception", seen once under `pytest -n 2`).
+    # Both ranks leave together. Then the script leaves without the interpreter's shutdown: fully_shard
+    # keeps the group (and gloo's worker threads) referenced from places this script cannot clear, and a
+    # worker that frees its last collective during shutdown aborts the process (see
+    # LOOPTrainer.end_training, which can drop the DDP wrapper instead). Everything is written by now.
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
