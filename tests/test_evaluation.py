@@ -58,6 +58,8 @@ def test_trainer_evaluates_on_schedule_and_logs_under_eval(tmp_path, tiny_sd_pat
     assert evals[0]["eval/reward_mean"] == first["reward_mean"]
     assert evals[1]["eval/reward_mean"] != first["reward_mean"]  # the weights moved (lr 1e-2)
     assert evals[1]["step"] == trainer.global_step > 0
+    trainer.end_training()  # leaves the trainer usable in this process, weights unchanged
+    assert trainer.evaluate(log=False)["reward_mean"] == evals[1]["eval/reward_mean"]
 
 
 def test_eval_settings_are_checked_early(tmp_path, tiny_sd_path):
