@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loop_trl.testing import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "examples", "accelerate_configs")
 
@@ -55,7 +57,7 @@ def test_fsdp2_sharded_policy_samples_trains_and_saves_like_one_process(tmp_path
     from loop_trl import LOOPStableDiffusionPipeline
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29700 + os.getpid() % 200), os.path.join(ROOT, "tests", "scripts", "fsdp2_policy.py"),
+               "--master_port", str(free_port()), os.path.join(ROOT, "tests", "scripts", "fsdp2_policy.py"),
                tiny_sd_path, str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]

@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loop_trl.testing import free_port
+
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "two_process_run.py")
 DDP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "accelerate_configs",
@@ -17,7 +19,7 @@ def launch_two(sd_path, out, mode="full"):
     """`accelerate launch` with the shipped DDP config (examples/accelerate_configs/ddp.yaml), 2 processes, on
     the CPU (the trainer forms a gloo group)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + len(mode)) % 1000), SCRIPT, sd_path, str(out), mode]
+               "--mixed_precision", "no", "--main_process_port", str(free_port()), SCRIPT, sd_path, str(out), mode]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
@@ -198,6 +199,14 @@ def save_tiny_pipeline(path: str | os.PathLike, family: str = "stable-diffusion"
         raise ValueError(f"family must be one of {sorted(TINY_BUILDERS)}, got {family!r}.")
     TINY_BUILDERS[family](**kwargs).save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now, for a test that launches a process group: fixed or
+    pid-derived ports can collide when tests run side by side (`pytest -n 2`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def save_tiny_stable_diffusion(path: str | os.PathLike, **kwargs) -> str:
