@@ -189,7 +189,6 @@ class LOOPTrainer:
                                           scheduler_specific_kwargs=extra)
         accelerator.register_for_checkpointing(self.lr_scheduler)
         self.consecutive_nonfinite_steps = self.nonfinite_steps = 0
-        self.last_grad_norm = float("nan")
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -492,7 +491,7 @@ class LOOPTrainer:
                     out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range, weights[step])
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
-                        self._optimizer_step()
+                        grad_norm = self._optimizer_step()
                 log_ratio = (log_prob - old_log_prob).detach()
                 if start == 0:
                     onpolicy = torch.maximum(onpolicy, log_ratio.abs().max())
@@ -506,7 +505,7 @@ class LOOPTrainer:
                     global_step += 1
                     metrics = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in window.items()}
                     metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"],
-                                   grad_norm=self.last_grad_norm, nonfinite_steps=self.nonfinite_steps)
+                                   grad_norm=grad_norm, nonfinite_steps=self.nonfinite_steps)
                     self._log(metrics, global_step)
                     window.clear()
         self._timers["training"] += self._clock() - started
@@ -526,12 +525,13 @@ class LOOPTrainer:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ optimizer, checkpoints, saving
-    def _optimizer_step(self) -> None:
-        """Clip and step, unless the gradient norm is not finite: then skip, count, and stop after too many."""
+    def _optimizer_step(self) -> float:
+        """Clip and step, unless the gradient norm is not finite: then skip, count, and stop after too many.
+
+        Returns the gradient norm before clipping, for the log (NaN where DeepSpeed clips inside its own step)."""
         accelerator, config = self.accelerator, self.config
         grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.train_max_grad_norm)
-        # the norm before clipping, for the log; NaN where DeepSpeed clips inside its own step
-        self.last_grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        norm = float("nan") if grad_norm is None else float(grad_norm)
         if accelerator.scaler is not None:  # fp16: the gradient scaler skips inf/NaN steps and lowers its scale
             self.optimizer.step()
             skipped = self.optimizer.step_was_skipped
@@ -545,7 +545,7 @@ class LOOPTrainer:
         if not skipped:
             self.lr_scheduler.step()
             self.consecutive_nonfinite_steps = 0
-            return
+            return norm
         self.consecutive_nonfinite_steps += 1
         self.nonfinite_steps += 1
         logger.warning(f"Non-finite gradient norm ({grad_norm}); optimizer step skipped "
@@ -555,6 +555,7 @@ class LOOPTrainer:
                                f"gradient (max_consecutive_nonfinite_steps={config.max_consecutive_nonfinite_steps}). "
                                "Lower train_learning_rate, check the reward's scale, or use mixed_precision='bf16'; "
                                "the last checkpoint is intact.")
+        return norm
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
