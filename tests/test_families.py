@@ -114,9 +114,20 @@ def _generate(pipe, family):
     return pipe("a red circle", **kwargs).images
 
 
+def _scored_by(policy, module, traj) -> torch.Tensor:
+    """``module``'s raw output (no guidance) on the stored latents of step 1, through the family's own forward:
+    where a LoRA at the wrong strength shows before sampling or the VAE can blur it."""
+    _, latents, _ = traj.transition(1)
+    with torch.no_grad():
+        if hasattr(policy, "_predict_noise"):  # the UNet families: noise prediction at the stored timestep
+            return policy._predict_noise(module, latents, traj.timesteps[:, 1], traj.conditioning, None, 1.0)
+        return policy._velocity(module, latents, traj.sigmas[:, 1], traj.conditioning, None, 1.0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_saved_adapter_reproduces_the_images_in_plain_diffusers(family, tiny_paths, tmp_path):
-    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+def test_saved_adapter_reproduces_the_policy_in_plain_diffusers(family, tiny_paths, tmp_path):
+    # alpha != rank: diffusers assumes alpha = rank unless the LoRA config is saved with the weights
+    policy = load_policy(tiny_paths[family], **{**policy_kwargs(family), "lora_alpha": 8})
     with torch.no_grad():  # stands in for training: a LoRA that changes the output
         for n, p in policy.trainable_module.named_parameters():
             if "lora_B" in n:
@@ -128,13 +139,46 @@ def test_saved_adapter_reproduces_the_images_in_plain_diffusers(family, tiny_pat
     fresh = pipeline_class.from_pretrained(tiny_paths[family])
     fresh.scheduler = type(policy.pipeline.scheduler).from_config(policy.pipeline.scheduler.config)
     base = _generate(fresh, family)
-    fresh.load_lora_weights(str(tmp_path / "adapter"))
+    fresh.load_lora_weights(str(tmp_path / "adapter"))  # the user's path, not ours
+    assert getattr(fresh, policy.module_name).peft_config["default_0"].lora_alpha == 8
     trained = _generate(policy.pipeline, family)
     torch.testing.assert_close(_generate(fresh, family), trained, atol=1e-5, rtol=0)
     assert (base - trained).abs().max() > 1e-3
+    # the denoiser itself, where a wrong strength shows before the VAE can blur it
+    traj = sample(policy, family)
+    mine = _scored_by(policy, policy.trainable_module, traj)
+    torch.testing.assert_close(_scored_by(policy, getattr(fresh, policy.module_name), traj), mine, atol=1e-5, rtol=1e-5)
 
+    # loop-trl's own loading, into a new policy and into one made with another rank and alpha
     continued = load_policy(tiny_paths[family], adapter=str(tmp_path / "adapter"), **policy_kwargs(family))
+    assert continued.trainable_module.peft_config["default"].lora_alpha == 8
     torch.testing.assert_close(_generate(continued.pipeline, family), trained, atol=1e-5, rtol=0)
+    other = load_policy(tiny_paths[family], **{**policy_kwargs(family), "lora_rank": 2})
+    other.load_adapter(str(tmp_path / "adapter"))
+    torch.testing.assert_close(_scored_by(policy, other.trainable_module, traj), mine, atol=1e-5, rtol=1e-5)
+    assert all(p.requires_grad for n, p in other.trainable_module.named_parameters() if "lora_" in n)
+    assert {n for n, _ in other.trainable_module.named_parameters() if "lora_" in n} == \
+        {n for n, _ in policy.trainable_module.named_parameters() if "lora_" in n}
+
+
+def test_an_adapter_saved_by_diffusers_without_a_config_loads_as_diffusers_loads_it(tiny_paths, tmp_path):
+    """No saved LoRA config (older files, other tools): diffusers takes alpha = rank; so must we."""
+    from peft.utils import get_peft_model_state_dict
+    family = "stable-diffusion-3"
+    policy = load_policy(tiny_paths[family], **{**policy_kwargs(family), "lora_alpha": 8})
+    with torch.no_grad():
+        for n, p in policy.trainable_module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    layers = get_peft_model_state_dict(policy.trainable_module)
+    FAMILIES[family].pipeline_class.save_lora_weights(str(tmp_path), transformer_lora_layers=layers)
+    fresh = FAMILIES[family].pipeline_class.from_pretrained(tiny_paths[family])
+    fresh.load_lora_weights(str(tmp_path))
+    loaded = load_policy(tiny_paths[family], adapter=str(tmp_path), **policy_kwargs(family))
+    traj = sample(policy, family)
+    theirs = _scored_by(policy, fresh.transformer, traj)
+    torch.testing.assert_close(_scored_by(policy, loaded.trainable_module, traj), theirs, atol=1e-5, rtol=1e-5)
+    assert (theirs - _scored_by(policy, policy.trainable_module, traj)).abs().max() > 1e-3  # alpha 4, not 8
 
 
 @pytest.mark.parametrize("family", ["stable-diffusion-3", "flux"])

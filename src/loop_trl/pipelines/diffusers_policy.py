@@ -23,6 +23,7 @@ from .base import DiffusionPolicy
 __all__ = ["DiffusersPolicy", "LORA_WEIGHT_NAME"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "default"  # peft's adapter name for the trained LoRA
 
 
 class DiffusersPolicy(DiffusionPolicy):
@@ -41,8 +42,12 @@ class DiffusersPolicy(DiffusionPolicy):
         lora_alpha: LoRA alpha; the update is scaled by alpha / r. Defaults to ``lora_rank``.
         lora_target_modules: names of the modules that get LoRA layers (default: the family's,
             as diffusers' LoRA training scripts use).
-        adapter: a folder or Hub id with a LoRA adapter (``pytorch_lora_weights.safetensors``)
-            to start from instead of a new one.
+        adapter: a folder or Hub id with a LoRA adapter (``pytorch_lora_weights.safetensors``, as
+            :meth:`save_adapter` or diffusers' ``save_lora_weights`` write it) to start from instead
+            of a new one. Its own LoRA config (rank, alpha, targets) is used, read the way
+            ``load_lora_weights`` reads it, so ``lora_rank``, ``lora_alpha`` and
+            ``lora_target_modules`` are ignored then. With full fine-tuning: a folder written by
+            :meth:`save_adapter`.
         lora_seed: seed of the new adapter's random initial A matrices (B starts at zero, so the
             adapter starts as a no-op whatever the seed).
         resolution: image height and width in pixels (default: the pipeline's own default).
@@ -98,7 +103,7 @@ class DiffusersPolicy(DiffusionPolicy):
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
         module.requires_grad_(not use_lora)
-        if use_lora:
+        if use_lora and adapter is None:
             # peft draws the initial A matrices from torch's global RNG; seed them so a run repeats
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(lora_seed)
@@ -229,27 +234,78 @@ class DiffusersPolicy(DiffusionPolicy):
         layers = get_peft_model_state_dict(module, state_dict=state_dict)
         if self.module_name == "unet":  # UNet adapters use diffusers' key names, transformer adapters peft's
             layers = convert_state_dict_to_diffusers(layers)  # (as diffusers' LoRA training scripts save them)
-        self.pipeline_class.save_lora_weights(save_directory, **{f"{self.module_name}_lora_layers": layers},
-                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+        # the LoRA config goes into the file's metadata, as diffusers' training scripts write it: without it,
+        # load_lora_weights takes lora_alpha = r and an adapter with alpha != r loads at the wrong strength
+        self.pipeline_class.save_lora_weights(
+            save_directory, weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+            **{f"{self.module_name}_lora_layers": layers,
+               f"{self.module_name}_lora_adapter_metadata": module.peft_config[ADAPTER_NAME].to_dict()})
 
     def load_adapter(self, directory: str) -> None:
-        """Load weights written by :meth:`save_adapter` (a folder or, for LoRA, a Hub id)."""
+        """Load weights written by :meth:`save_adapter` (a folder or, for LoRA, a Hub id).
+
+        LoRA: read as diffusers' ``load_lora_weights`` reads it, so the adapter's saved config (rank,
+        alpha, targets) applies; an adapter saved without one (older loop-trl, other tools) gets what
+        diffusers assumes, alpha = rank. Into a policy whose adapter has that same config, the weights
+        are loaded in place (the optimizer's parameters stay the same objects: resuming); otherwise the
+        policy's adapter is replaced by the saved one.
+        """
         module = self.trainable_module
         if not self.use_lora:
             loaded = type(module).from_pretrained(directory, subfolder=self.module_name, use_safetensors=True)
             module.load_state_dict(loaded.state_dict())
             return
-        state_dict = self.pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
-        if isinstance(state_dict, tuple):  # (state_dict, network_alphas) for the UNet families
-            state_dict = state_dict[0]
+        state_dict, network_alphas, metadata = self._read_lora(directory)
         prefix = f"{self.module_name}."
-        module_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not module_state:
+        current = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
+        if current is not None and _same_lora(current, state_dict, network_alphas, metadata):
+            module_state = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+            result = set_peft_model_state_dict(module, convert_unet_state_dict_to_peft(module_state), adapter_name=ADAPTER_NAME)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ValueError(f"The adapter in {directory!r} does not fit this {self.module_name}'s LoRA layers "
+                                 f"(unexpected keys such as {unexpected[0]!r}).")
+            return
+        if current is not None:
+            module.delete_adapters(ADAPTER_NAME)
+        # diffusers' own path (what load_lora_weights calls): the LoRA config from the file's metadata, or
+        # inferred from the weights and kohya-style alphas; the layers injected; the weights loaded
+        module.load_lora_adapter(state_dict, prefix=self.module_name, adapter_name=ADAPTER_NAME,
+                                 network_alphas=network_alphas, metadata=metadata)
+        for name, param in module.named_parameters():
+            if "lora_" in name:  # trainable, and fp32 like every trainable weight
+                param.data = param.data.to(device=self.device, dtype=torch.float32)
+                param.requires_grad_(True)
+
+    def _read_lora(self, directory: str) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+        """The trained module's LoRA weights as diffusers reads them (keys with the module's prefix), their
+        kohya-style ``network_alphas`` if any, and the LoRA config saved in the file's metadata (or None)."""
+        loaded = self.pipeline_class.lora_state_dict(directory, return_lora_metadata=True)
+        state_dict, metadata = loaded[0], loaded[-1]  # (state_dict, [network_alphas,] metadata)
+        network_alphas = loaded[1] if len(loaded) == 3 else None
+        prefix = f"{self.module_name}."
+        others = sorted({k.split(".")[0] for k in state_dict if not k.startswith(prefix)})
+        if others:
+            raise ValueError(f"The adapter in {directory!r} has LoRA weights for {others}; loop-trl trains only "
+                             f"the {self.module_name}. Fuse those into the base model first.")
+        if not state_dict:
             raise ValueError(f"No {self.module_name} LoRA weights found in {directory!r}.")
-        result = set_peft_model_state_dict(module, convert_unet_state_dict_to_peft(module_state), adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(
-                f"The adapter in {directory!r} does not fit this {self.module_name}'s LoRA layers (unexpected keys such "
-                f"as {unexpected[0]!r}); check lora_target_modules and lora_rank."
-            )
+        return state_dict, network_alphas or None, metadata or None
+
+
+def _same_lora(config: LoraConfig, state_dict: dict[str, torch.Tensor], network_alphas: dict | None,
+               metadata: dict | None) -> bool:
+    """Whether a saved adapter has the rank, alpha and targets of ``config`` (so it can load in place)."""
+    if metadata is None:  # what diffusers assumes without a saved config: the weights' rank, alpha = rank
+        ranks = {v.shape[0] for k, v in state_dict.items() if "lora_A" in k or "lora.down" in k}
+        return (not network_alphas and ranks == {config.r} and config.lora_alpha == config.r
+                and not config.rank_pattern and not config.alpha_pattern)
+    prefix = next(iter(state_dict)).split(".")[0] + "."
+    saved = {k.removeprefix(prefix): v for k, v in metadata.items()}
+    defaults = LoraConfig()
+
+    def norm(value):
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+    return all(norm(saved.get(k, getattr(defaults, k))) == norm(getattr(config, k)) for k in keys)
