@@ -75,3 +75,66 @@ def test_fsdp2_sharded_policy_samples_trains_and_saves_like_one_process(tmp_path
         torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-4 * value.abs().max().item())
         moved += int(key.endswith("lora.up.weight") and value.abs().max() > 0)
     assert moved > 0  # the step changed the adapter (lora_B starts at zero), so equality is not trivial
+
+
+LAUNCHED_SCRIPT = """
+from loop_trl import LOOPConfig
+config = LOOPConfig(output_dir={out!r}, sample_batch_size=4, train_batch_size=2)
+print("mixed_precision", config.mixed_precision)
+"""
+
+
+def test_the_launch_configs_mixed_precision_is_the_default(tmp_path):
+    """`accelerate launch --config_file ddp.yaml` (bf16) sets the precision unless the config names one."""
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED_SCRIPT.format(out=str(tmp_path / "run")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             os.path.join(CONFIGS, "ddp.yaml"), "--num_processes", "1", str(script)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed_precision bf16" in result.stdout
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state that a second precision cannot change: start and leave clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_launch_settings_reach_the_accelerator_and_an_explicit_value_wins(monkeypatch, tiny_sd_path, tmp_path,
+                                                                          fresh_accelerate_state):
+    from accelerate.state import AcceleratorState
+
+    from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
+
+    def trainer(**fields):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        config = LOOPConfig(output_dir=str(tmp_path), sample_num_steps=3, sample_batch_size=4, train_batch_size=2,
+                            **fields)
+        return LOOPTrainer(config, lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)), {}), ["a cat"],
+                           LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path))
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    launched = trainer()
+    assert launched.config.mixed_precision == "bf16" and launched.accelerator.mixed_precision == "bf16"
+    assert launched.accelerator.scaler is None  # no fp16 gradient scaler under bf16
+    assert launched.policy.pipeline.vae.dtype == torch.bfloat16
+    assert launched.config.train_gradient_accumulation_steps == 2
+    # accelerate counts backward calls: 2 minibatches x 3 trained steps each, not the launcher's raw 2
+    assert launched.accelerator.gradient_accumulation_steps == 6
+
+    with pytest.warns(UserWarning, match=r"mixed_precision='no' is set in the config and wins over accelerate's launch "
+                                         r"setting 'bf16'"):
+        explicit = trainer(mixed_precision="no", train_gradient_accumulation_steps=1)
+    assert explicit.accelerator.mixed_precision == "no" and explicit.policy.pipeline.vae.dtype == torch.float32
+    assert explicit.accelerator.gradient_accumulation_steps == 3
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    assert LOOPConfig().mixed_precision == "no" and LOOPConfig().train_gradient_accumulation_steps == 1

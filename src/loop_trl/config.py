@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -14,6 +15,9 @@ __all__ = ["LOOPConfig"]
 
 _ESTIMATORS = ("loo", "group_norm", "per_prompt_tracker", "batch_norm")
 _LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# (field, the environment variable accelerate's launcher sets for it, the value when neither sets one)
+_LAUNCH_SETTINGS = (("mixed_precision", "ACCELERATE_MIXED_PRECISION", "no"),
+                    ("train_gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1))
 _TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
 
 
@@ -64,7 +68,7 @@ class LOOPConfig:
     seed: int = field(default=0, metadata={"help": "Seed of every random draw: prompts, sampling noise, shuffling. Process i uses a stream derived from (seed, epoch, i)."})
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs. One epoch samples, scores, and trains on sample_batch_size * sample_num_batches_per_epoch images per process."})
     output_dir: str = field(default="loop-output", metadata={"help": "Folder for checkpoints (output_dir/checkpoints), tracker logs (output_dir/logs) and the final adapter and model card."})
-    mixed_precision: str = field(default="fp16", metadata={"help": "'no', 'fp16' or 'bf16'. The frozen VAE, text encoder (and UNet base weights with LoRA) run in this dtype; trainable weights always stay fp32."})
+    mixed_precision: Optional[str] = field(default=None, metadata={"help": "'no', 'fp16' or 'bf16'. The frozen VAE, text encoder (and UNet base weights with LoRA) run in this dtype; trainable weights always stay fp32. None (the default) takes accelerate's setting: the launch config or `accelerate launch --mixed_precision`, read from ACCELERATE_MIXED_PRECISION, else 'no'. A value set here wins over the launcher's, with a warning when they differ."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere or newer GPUs (faster, slightly less precise)."})
     log_with: Optional[str] = field(default=None, metadata={"help": "Tracker for metrics: 'tensorboard', 'wandb', 'comet_ml', 'mlflow', ... or 'all'. None logs to the progress bar only."})
     tracker_project_name: str = field(default="loop-trl", metadata={"help": "Project name passed to the trackers."})
@@ -105,7 +109,7 @@ class LOOPConfig:
     train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     train_adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     train_use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' 8-bit AdamW (pip install bitsandbytes; CUDA only)."})
-    train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "Minibatches whose gradients are summed before one optimizer step. Each minibatch contributes all its trained timesteps."})
+    train_gradient_accumulation_steps: Optional[int] = field(default=None, metadata={"help": "Minibatches whose gradients are summed before one optimizer step. Each minibatch contributes all its trained timesteps. None (the default) takes accelerate's launch setting (`accelerate launch --gradient_accumulation_steps`, ACCELERATE_GRADIENT_ACCUMULATION_STEPS), else 1; a value set here wins, with a warning when they differ."})
     train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this global norm before each optimizer step."})
     train_num_inner_epochs: int = field(default=1, metadata={"help": "PPO passes over each epoch's samples. 1 with train_clip_range=inf is REINFORCE."})
     train_cfg: bool = field(default=True, metadata={"help": "Use classifier-free guidance when recomputing log-probabilities during training (must match sampling to stay on-policy)."})
@@ -146,6 +150,8 @@ class LOOPConfig:
         def check(condition: bool, message: str) -> None:
             if not condition:
                 raise ValueError(message)
+
+        self._take_launch_settings()
 
         for name in ("train_timestep_weights", "reward_weights"):
             value = getattr(self, name)
@@ -260,6 +266,18 @@ class LOOPConfig:
               f"resume_from must be '', 'latest' or an existing checkpoint folder; {self.resume_from!r} does not exist.")
         check(not self.push_to_hub or bool(self.hub_model_id),
               "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/sd15-loop-aesthetic'.")
+
+    def _take_launch_settings(self) -> None:
+        """Fields that accelerate's launcher also sets: None takes the launcher's value (its environment
+        variable), an explicit value wins with a warning when the two differ."""
+        for name, variable, fallback in _LAUNCH_SETTINGS:
+            launched = os.environ.get(variable) or None
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, fallback if launched is None else type(fallback)(launched))
+            elif launched is not None and str(value) != launched:
+                warnings.warn(f"{name}={value!r} is set in the config and wins over accelerate's launch setting "
+                              f"{launched!r} ({variable}); leave {name} unset to use the launcher's.", stacklevel=3)
 
     @property
     def train_timesteps(self) -> list[int]:

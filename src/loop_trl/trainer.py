@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -137,9 +137,11 @@ class LOOPTrainer:
                                     // config.train_timesteps_per_forward)
         self.accelerator = Accelerator(
             log_with=config.log_with,
-            mixed_precision=config.mixed_precision,
+            mixed_precision=config.mixed_precision,  # the launcher's unless the config set one (LOOPConfig)
             project_config=project_config,
-            gradient_accumulation_steps=self._accumulation_steps,
+            # a plugin, not gradient_accumulation_steps=, which accelerate's launch environment would override:
+            # the count is in backward calls, and LOOPConfig already took the launcher's minibatch count
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self._accumulation_steps),
             **accelerator_kwargs,
         )
         accelerator = self.accelerator
