@@ -7,7 +7,9 @@ It loads the testbed's shipped base model, trains a LoRA adapter with LOOP again
 verifier on the training prompts, and measures, with fixed noise, before and after:
 
 * strict accuracy and mean verifier score on a fixed set of training prompts (the trainer's
-  evaluation, also every ``eval_freq`` epochs during the run), with standard errors;
+  evaluation, also every ``eval_freq`` epochs during the run), with standard errors, with the
+  training sampler (DDIM eta 1, ``eval/``) and with the deterministic one users deploy (DDIM eta 0,
+  ``eval_deterministic/``) from the same noise;
 * strict accuracy on held-out colour-shape pairings (transfer), with standard errors;
 * the same training prompts sampled by a plain diffusers ``StableDiffusionPipeline`` with its own
   scheduler settings (deterministic DDIM), base model and with the saved adapter loaded through
@@ -70,6 +72,8 @@ def defaults() -> dict:
         train_timestep_fraction=0.67, train_timesteps_per_forward=4,
         # evaluation of the fixed training prompts: before, halfway and at the end, same noise each time
         eval_freq=14, eval_seed=1, eval_num_images_per_prompt=4, eval_batch_size=96,
+        # and each time with the sampler users deploy too (DDIM eta 0, same noise): eval_deterministic/
+        eval_deterministic=True,
     )
 
 
@@ -175,8 +179,11 @@ def main() -> None:
     images_per_epoch = config.sample_batch_size * config.sample_num_batches_per_epoch * trainer.accelerator.num_processes
     trainer.train()
     evals = [h for h in trainer.log_history if "eval/strict_mean" in h]
+    deployed = [h for h in trainer.log_history if "eval_deterministic/strict_mean" in h]
     metrics.update(train_prompts_before=evals[0], train_prompts_after=evals[-1],
                    heldout_after=heldout(config.sample_guidance_scale))
+    if deployed:
+        metrics.update(deterministic_before=deployed[0], deterministic_after=deployed[-1])
     grid_after = grid(policy, shown, 2, config)
     both = Image.new("RGB", (grid_before.width, grid_before.height * 2 + 20), "white")
     both.paste(grid_before, (0, 0))
@@ -197,6 +204,10 @@ def main() -> None:
              f"{a['eval/strict_mean']:.3f} +- {a['eval/strict_sem']:.3f}",
              f"  mean score      {b['eval/score_mean']:.3f} +- {b['eval/score_sem']:.3f} -> "
              f"{a['eval/score_mean']:.3f} +- {a['eval/score_sem']:.3f}",
+             *([f"  same prompts and noise, deterministic sampler (DDIM eta 0): strict "
+                f"{metrics['deterministic_before']['eval_deterministic/strict_mean']:.3f} -> "
+                f"{metrics['deterministic_after']['eval_deterministic/strict_mean']:.3f} +- "
+                f"{metrics['deterministic_after']['eval_deterministic/strict_sem']:.3f}"] if deployed else []),
              f"held-out strict accuracy: {metrics['heldout_before']['overall']:.3f} +- {metrics['heldout_before']['overall_sem']:.3f}"
              f" -> {metrics['heldout_after']['overall']:.3f} +- {metrics['heldout_after']['overall_sem']:.3f}"]
     for scale, m in metrics["base_at_other_guidance"].items():

@@ -85,3 +85,36 @@ def test_eval_prompts_from_a_dataset_pass_their_metadata(tmp_path, tiny_sd_path)
                            eval_num_images_per_prompt=1)
     assert trainer.evaluate(log=False)["num_images"] == 4
     assert sorted(m["level"] for m in seen) == [1, 2, 3, 4]
+
+
+def test_deterministic_evaluation_samples_as_users_deploy_and_logs_apart(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=brightness, eval_prompts=PROMPTS, eval_freq=1, num_epochs=1,
+                           eval_num_steps=3, eval_num_images_per_prompt=2, eval_batch_size=4, eval_deterministic=True)
+    stochastic, deployed = trainer.evaluate(log=False), trainer.evaluate(log=False, deterministic=True)
+    assert stochastic["reward_mean"] != pytest.approx(deployed["reward_mean"], abs=1e-6)
+    # the deployed sampler: every step deterministic, the same images as sample_and_score at eta 0
+    expected = sample_and_score(trainer.policy, brightness, PROMPTS, images_per_prompt=2, seed=0, num_steps=3,
+                                guidance_scale=2.0, eta=0.0, batch_size=4)
+    assert deployed["reward_mean"] == pytest.approx(sum(expected.rewards) / len(expected.rewards), abs=1e-6)
+    trainer.train()
+    logged = [h for h in trainer.log_history if "eval_deterministic/reward_mean" in h]
+    assert [h["eval_deterministic/epochs_completed"] for h in logged] == [0, 1]
+    assert logged[0]["eval_deterministic/reward_mean"] == pytest.approx(deployed["reward_mean"], abs=1e-9)
+    assert all("eval/reward_mean" not in h for h in logged)  # its own rows, its own prefix
+
+    zero = make_trainer(tmp_path / "zero", tiny_sd_path, reward=brightness, eval_prompts=PROMPTS, eval_num_steps=3,
+                        eval_num_images_per_prompt=2, eval_batch_size=4, eval_eta=0.0)
+    assert zero.evaluate(log=False)["reward_mean"] == pytest.approx(deployed["reward_mean"], abs=1e-6)
+
+
+def test_evaluation_keeps_the_training_sde_window(tmp_path, tiny_sd_path):
+    """With sample_sde_window the policy is trained on a sampler with noise on the trained steps only: the
+    evaluation samples with that one, not with noise on every step."""
+    kwargs = dict(reward=brightness, eval_prompts=PROMPTS, eval_num_steps=3, eval_num_images_per_prompt=2,
+                  eval_batch_size=4, sample_num_steps=3, train_timestep_start=1, train_timestep_stop=2)
+    windowed = make_trainer(tmp_path / "w", tiny_sd_path, sample_sde_window=True, **kwargs).evaluate(log=False)
+    full = make_trainer(tmp_path / "f", tiny_sd_path, **kwargs)
+    expected = sample_and_score(full.policy, brightness, PROMPTS, images_per_prompt=2, seed=0, num_steps=3,
+                                guidance_scale=2.0, eta=1.0, batch_size=4, stochastic_steps=[1])
+    assert windowed["reward_mean"] == pytest.approx(sum(expected.rewards) / len(expected.rewards), abs=1e-6)
+    assert full.evaluate(log=False)["reward_mean"] != pytest.approx(windowed["reward_mean"], abs=1e-6)

@@ -73,6 +73,9 @@ def test_train_shapes_example_writes_its_outputs(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     evals = [h for h in metrics["history"] if "eval/strict_mean" in h]
     assert [h["eval/epochs_completed"] for h in evals] == [0, 1, 2]  # before training, then every epoch
+    deployed = [h for h in metrics["history"] if "eval_deterministic/strict_mean" in h]  # and the deployed sampler's
+    assert [h["eval_deterministic/epochs_completed"] for h in deployed] == [0, 1, 2]
+    assert metrics["deterministic_after"] == deployed[-1]
     for h in evals:  # trained on (score + strict) / 2; the plain score and strict accuracy are reported beside it
         assert h["eval/reward_mean"] == pytest.approx((h["eval/score_mean"] + h["eval/strict_mean"]) / 2)
     assert metrics["train_prompts_before"]["eval/num_images"] == 4  # 2 families x 1 prompt x 2 images

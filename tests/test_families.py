@@ -245,3 +245,39 @@ def test_with_one_generator_per_sample_an_image_does_not_depend_on_its_batch(fam
     torch.testing.assert_close(alone.log_probs[0], pair.log_probs[1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         run(PROMPTS, [1, 2, 3])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family, tiny_paths, tmp_path):
+    """The sampler users deploy: the model card's own snippet (its scheduler line included) run on plain
+    diffusers gives, from the same initial noise with eta 0, the policy's deterministic samples."""
+    from loop_trl.hub import make_model_card
+
+    policy = load_policy(tiny_paths[family], **{**policy_kwargs(family), "lora_alpha": 8})
+    with torch.no_grad():
+        for n, p in policy.trainable_module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    policy.save_adapter(str(tmp_path))
+    info = policy.model_card_info()
+    card = make_model_card(base_model=tiny_paths[family], reward_name="r", repo_id=str(tmp_path),
+                           config={"sample_num_steps": 3, "sample_guidance_scale": 3.0, "sample_eta": 1.0}, **info)
+    code = card.content.split("```python\n")[1].split("```")[0]
+    load = code.split("\nimage = pipe(")[0].replace('.to("cuda")', "").replace("torch.bfloat16", "torch.float32")
+    namespace = {}
+    exec(load, namespace)  # noqa: S102 - the card's own code, on the tiny checkpoint
+    pipe = namespace["pipe"]
+    assert type(pipe.scheduler) is type(policy.pipeline.scheduler)
+    assert dict(pipe.scheduler.config) == dict(policy.pipeline.scheduler.config)
+    assert ("eta=1.0" in code) == (family in ("stable-diffusion", "stable-diffusion-xl"))  # DDIM takes eta; the ODE has none
+
+    traj = policy.sample(PROMPTS, num_steps=3, guidance_scale=3.0, eta=eta_for(family),
+                         generator=torch.Generator().manual_seed(0), stochastic_steps=[])
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt", height=32, width=32,
+                  latents=traj.latents[:, 0] / getattr(policy.pipeline.scheduler, "init_noise_sigma", 1.0))
+    if info["takes_eta"]:
+        kwargs["eta"] = 0.0
+    if family in ("stable-diffusion-3", "flux"):
+        kwargs["max_sequence_length"] = 16
+    theirs = pipe(PROMPTS, **kwargs).images
+    torch.testing.assert_close(theirs, traj.images, atol=1e-4, rtol=0)

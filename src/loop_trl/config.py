@@ -52,7 +52,7 @@ class LOOPConfig:
 
     > Evaluation (with ``eval_prompts`` passed to the trainer): ``eval_freq``, ``eval_before_training``,
       ``eval_seed``, ``eval_num_images_per_prompt``, ``eval_num_steps``, ``eval_guidance_scale``,
-      ``eval_eta``, ``eval_batch_size``.
+      ``eval_eta``, ``eval_deterministic``, ``eval_batch_size``.
 
     > Memory: ``gradient_checkpointing``, ``offload_trajectories``.
 
@@ -131,7 +131,8 @@ class LOOPConfig:
     eval_num_images_per_prompt: int = field(default=4, metadata={"help": "Images sampled per evaluation prompt."})
     eval_num_steps: Optional[int] = field(default=None, metadata={"help": "Denoising steps for evaluation; None uses sample_num_steps."})
     eval_guidance_scale: Optional[float] = field(default=None, metadata={"help": "Guidance scale for evaluation; None uses sample_guidance_scale."})
-    eval_eta: Optional[float] = field(default=None, metadata={"help": "DDIM eta for evaluation (> 0); None uses sample_eta."})
+    eval_eta: Optional[float] = field(default=None, metadata={"help": "The sampler's stochasticity for evaluation (DDIM's eta, the flow SDE's a); None uses sample_eta, and with sample_sde_window the evaluation keeps the training window. 0 samples deterministically (DDIM eta 0, the flow ODE)."})
+    eval_deterministic: bool = field(default=False, metadata={"help": "At every evaluation, also evaluate with the deterministic sampler users deploy (DDIM eta 0 for SD/SDXL, the Euler ODE for SD3/FLUX: what the plain diffusers pipeline samples), logged under eval_deterministic/ beside eval/."})
     eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Images per evaluation sampling batch; None uses sample_batch_size."})
 
     # Memory
@@ -216,7 +217,8 @@ class LOOPConfig:
             check(value is None or isinstance(value, int) and value >= 1, f"{name} must be None or an integer >= 1, got {value!r}.")
         check(self.eval_guidance_scale is None or self.eval_guidance_scale >= 1.0,
               f"eval_guidance_scale must be None or >= 1.0, got {self.eval_guidance_scale}.")
-        check(self.eval_eta is None or self.eval_eta > 0, f"eval_eta must be None or > 0, got {self.eval_eta}.")
+        check(self.eval_eta is None or self.eval_eta >= 0,
+              f"eval_eta must be None or >= 0 (0 samples deterministically), got {self.eval_eta}.")
         check(0.0 <= self.train_adam_beta1 < 1.0 and 0.0 <= self.train_adam_beta2 < 1.0,
               "train_adam_beta1 and train_adam_beta2 must lie in [0, 1).")
         check(self.mixed_precision in ("no", "fp16", "bf16"),

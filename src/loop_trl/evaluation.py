@@ -83,12 +83,17 @@ def sample_and_score(
     negative_prompt: str | None = None,
     batch_indices: Sequence[int] | None = None,
     progress: bool = False,
+    stochastic_steps: Sequence[int] | None = None,
 ) -> EvalSamples:
     """Sample ``images_per_prompt`` images per prompt from fixed noise and score them.
 
     ``batch_indices`` picks which of the :func:`eval_batches` to run (all by default; processes
-    pass their share). The result keeps the order of the batches run.
+    pass their share). The result keeps the order of the batches run. ``stochastic_steps`` are the
+    steps that carry noise (None: all; an SDE window: those); ``eta=0`` samples every step
+    deterministically (DDIM eta 0, the flow ODE), as the plain diffusers pipelines do.
     """
+    if eta == 0:
+        stochastic_steps = []
     prompts = list(prompts)
     metadata = list(prompt_metadata) if prompt_metadata is not None else [{} for _ in prompts]
     batches = eval_batches(prompts, images_per_prompt, batch_size)
@@ -100,7 +105,7 @@ def sample_and_score(
         generator = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
                      for j in range(b * batch_size, b * batch_size + len(batch_prompts))]
         traj = policy.sample(batch_prompts, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                             generator=generator, negative_prompt=negative_prompt)
+                             generator=generator, negative_prompt=negative_prompt, stochastic_steps=stochastic_steps)
         output = reward_function(traj.images, batch_prompts, batch_metadata)
         rewards = torch.as_tensor(output[0] if isinstance(output, tuple) else output).detach().cpu().double().reshape(-1)
         numbers, categories = _per_image_numbers(output[1] if isinstance(output, tuple) else None, len(batch_prompts))

@@ -20,7 +20,8 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
                     base_model_loader: str | None = None, example_prompt: str = "a photo of a cat",
                     pipeline_class: str = "StableDiffusionPipeline", module_name: str = "unet",
                     module_class: str = "UNet2DConditionModel", tags: list[str] | tuple[str, ...] = ("stable-diffusion",),
-                    takes_eta: bool = True) -> ModelCard:
+                    takes_eta: bool = True, scheduler_class: str | None = "DDIMScheduler",
+                    scheduler_kwargs: dict | None = None) -> ModelCard:
     """A model card: base model, reward, K, the key settings, and how to load and sample the result.
 
     ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
@@ -28,7 +29,10 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     the card loads ``base_model`` with ``pipeline_class.from_pretrained``. The sampling line
     samples ``example_prompt`` with the run's steps and guidance (and eta, for pipelines that take
     it), the settings the weights were trained for. ``module_name``/``module_class`` name the
-    trained module for full fine-tuning; a policy's ``model_card_info()`` gives all five.
+    trained module for full fine-tuning. ``scheduler_class`` (with ``scheduler_kwargs``) is the
+    scheduler the weights were trained with, set on the pipeline before sampling (SD 1.5's default
+    PNDM, for one, ignores ``eta``); None keeps the pipeline's own. A policy's ``model_card_info()``
+    gives all of these.
     """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
@@ -42,10 +46,15 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
                 f'torch_dtype=torch.bfloat16)\n')
         load += (f"{base_model_loader}\npipe.{module_name} = {module_name}.to(pipe.device)" if base_model_loader else
                  f'pipe = {pipeline_class}.from_pretrained("{base}", {module_name}={module_name}, torch_dtype=torch.bfloat16).to("cuda")')
+    if scheduler_class:
+        extra = "".join(f", {key}={value!r}" for key, value in (scheduler_kwargs or {}).items())
+        load += f"\npipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{extra})  # the sampler it was trained with"
     eta = f', eta={config.get("sample_eta", 1.0)}' if takes_eta else ""
     sample = (f'image = pipe("{example_prompt}", '
               f'num_inference_steps={config.get("sample_num_steps", 50)}, '
               f'guidance_scale={config.get("sample_guidance_scale", 5.0)}{eta}).images[0]')
+    if takes_eta:
+        sample += "  # eta=0.0 samples deterministically"
     k = config.get("num_samples_per_prompt", "K")
     others = f"{k - 1}" if isinstance(k, int) else "K-1"
     card_data = ModelCardData(
@@ -74,7 +83,7 @@ arXiv:2503.00897).
 
 ```python
 import torch
-from diffusers import {pipeline_class}{', ' + module_class if not use_lora else ''}
+from diffusers import {pipeline_class}{', ' + module_class if not use_lora else ''}{', ' + scheduler_class if scheduler_class else ''}
 
 {load}
 {sample}

@@ -214,13 +214,13 @@ class LOOPTrainer:
                    total=last_epoch, disable=not self.accelerator.is_local_main_process)
         eval_freq = self.config.eval_freq
         if eval_freq and self.config.eval_before_training and self.first_epoch == 0:
-            self.evaluate()
+            self._evaluate_all()
         for epoch in bar:
             self.global_step = self.step(epoch, self.global_step)
             bar.set_postfix(reward=f"{self.last_metrics['reward_mean']:.4g}")
             self.first_epoch = epoch + 1
             if eval_freq and ((epoch + 1) % eval_freq == 0 or epoch + 1 == last_epoch):
-                self.evaluate()
+                self._evaluate_all()
             if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == last_epoch:
                 self.save_checkpoint()
         self.save_pretrained(self.config.output_dir)  # on every process: sharded weights are gathered
@@ -289,8 +289,14 @@ class LOOPTrainer:
         self.accelerator.log(metrics, step=step)
         self.log_history.append({**metrics, "step": step})
 
+    def _evaluate_all(self) -> None:
+        """The evaluations of an evaluation point: the training sampler's, and the deployed one's if asked."""
+        self.evaluate()
+        if self.config.eval_deterministic:
+            self.evaluate(deterministic=True)
+
     @torch.no_grad()
-    def evaluate(self, log: bool = True, guidance_scale: float | None = None) -> dict[str, float]:
+    def evaluate(self, log: bool = True, guidance_scale: float | None = None, deterministic: bool = False) -> dict[str, float]:
         """Score the current weights on ``eval_prompts`` with fixed noise (``eval_seed``).
 
         Returns (on every process) the metrics of :func:`loop_trl.evaluation.summarize`: the mean
@@ -299,6 +305,11 @@ class LOOPTrainer:
         logged under ``eval/`` at the current global step. Processes share the batches; the images
         do not depend on how many processes there are. ``guidance_scale`` overrides the config's
         evaluation guidance for this call (to compare guidance settings).
+
+        The sampler is the training one (``eval_eta``, else ``sample_eta``; with ``sample_sde_window``
+        noise only on the trained steps). ``deterministic=True`` samples as users deploy the model
+        instead: every step deterministic (DDIM eta 0, the flow ODE; the same images as the plain
+        diffusers pipeline from the same initial noise), logged under ``eval_deterministic/``.
         """
         if not self.eval_prompts:
             raise ValueError("evaluate() needs eval_prompts: pass LOOPTrainer(..., eval_prompts=[...]).")
@@ -310,8 +321,10 @@ class LOOPTrainer:
         settings = dict(images_per_prompt=config.eval_num_images_per_prompt, seed=config.eval_seed,
                         num_steps=config.eval_num_steps or config.sample_num_steps,
                         guidance_scale=guidance_scale or config.eval_guidance_scale or config.sample_guidance_scale,
-                        eta=config.eval_eta or config.sample_eta, batch_size=batch_size,
-                        negative_prompt=config.negative_prompts, progress=accelerator.is_local_main_process)
+                        eta=0.0 if deterministic else config.sample_eta if config.eval_eta is None else config.eval_eta,
+                        stochastic_steps=self.train_steps if config.sample_sde_window else None,
+                        batch_size=batch_size, negative_prompt=config.negative_prompts,
+                        progress=accelerator.is_local_main_process)
         metadata = [m for _, m in self.eval_prompts]
         samples = sample_and_score(self.policy, self.reward_function, prompts, metadata, batch_indices=mine, **settings)
         short = -(-num_batches // accelerator.num_processes) - len(mine)
@@ -326,8 +339,9 @@ class LOOPTrainer:
             samples = everyone
         metrics = summarize(samples)
         if log:
-            self._log({**{f"eval/{name}": value for name, value in metrics.items()}, "eval/epochs_completed": self.first_epoch},
-                      self.global_step)
+            prefix = "eval_deterministic" if deterministic else "eval"
+            self._log({**{f"{prefix}/{name}": value for name, value in metrics.items()},
+                       f"{prefix}/epochs_completed": self.first_epoch}, self.global_step)
         return metrics
 
     # ------------------------------------------------------------------ the pieces of an epoch

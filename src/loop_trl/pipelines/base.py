@@ -173,9 +173,11 @@ class DiffusionPolicy(abc.ABC):
     def model_card_info(self) -> dict:
         """What a model card needs to show how to load the weights: ``pipeline_class`` (the diffusers
         pipeline), ``module_name`` and ``module_class`` (the trained module, for full fine-tuning),
-        ``tags``, and ``takes_eta`` (whether that pipeline's ``__call__`` accepts ``eta``)."""
+        ``tags``, ``scheduler_class`` and ``scheduler_kwargs`` (the diffusers scheduler the policy samples
+        with, built as ``scheduler_class.from_config(pipe.scheduler.config, **scheduler_kwargs)``; None
+        when it is the checkpoint's own), and ``takes_eta`` (whether ``eta`` acts in that sampler)."""
         return dict(pipeline_class="DiffusionPipeline", module_name="unet", module_class="UNet2DConditionModel",
-                    tags=[], takes_eta=False)
+                    tags=[], takes_eta=False, scheduler_class=None, scheduler_kwargs={})
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass of training forward passes (to save memory)."""

@@ -186,10 +186,16 @@ class DiffusersPolicy(DiffusionPolicy):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.trainable_module.parameters() if p.requires_grad]
 
+    #: set by families that replace the checkpoint's scheduler: the settings that differ from its config
+    scheduler_overrides: dict | None = None
+
     def model_card_info(self) -> dict:
+        replaced = self.scheduler_overrides is not None  # the sampler is not the checkpoint's default one
         return dict(pipeline_class=self.pipeline_class.__name__, module_name=self.module_name,
                     module_class=type(self.trainable_module).__name__, tags=list(self.tags),
-                    takes_eta="eta" in inspect.signature(self.pipeline_class.__call__).parameters)
+                    takes_eta="eta" in inspect.signature(self.pipeline_class.__call__).parameters and replaced,
+                    scheduler_class=type(self.pipeline.scheduler).__name__ if replaced else None,
+                    scheduler_kwargs=dict(self.scheduler_overrides or {}))
 
     def _guided(self, forward, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict, uncond: dict | None,
                 guidance_scale: float) -> torch.Tensor:

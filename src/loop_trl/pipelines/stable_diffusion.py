@@ -39,7 +39,8 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         return self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
 
     def _setup_scheduler(self) -> None:
-        config = dict(self.pipeline.scheduler.config)
+        original = dict(self.pipeline.scheduler.config)
+        config = dict(original)
         if config.get("set_alpha_to_one", False):
             logger.warning("set_alpha_to_one=True gives the last DDIM step zero variance; using set_alpha_to_one=False.")
         config["set_alpha_to_one"] = False
@@ -47,6 +48,9 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         # scheduler config does not say (SDXL ships an Euler scheduler)
         config.setdefault("clip_sample", False)
         self.pipeline.scheduler = DDIMScheduler.from_config(config)
+        # what a user sets to sample as trained: DDIMScheduler.from_config(pipe.scheduler.config, **these)
+        self.scheduler_overrides = {key: config[key] for key in ("set_alpha_to_one", "clip_sample")
+                                    if original.get(key) != config[key]}
 
     # ------------------------------------------------------------------ family hooks
     def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
