@@ -52,7 +52,12 @@ def test_clip_score_is_w_times_the_clamped_cosine(tiny_clip):
     reward = CLIPScore(model, processor, device="cpu")
     pixels = images()
     scores, metadata = reward(pixels, PROMPTS, [{}] * 3)
-    expected_cos = reference_cosine(model, processor, pixels, PROMPTS)
+    # Hessel et al.'s clipscore.py scores "A photo depicts " + the caption
+    expected_cos = reference_cosine(model, processor, pixels, ["A photo depicts " + p for p in PROMPTS])
+    _, bare = CLIPScore(model, processor, device="cpu", prefix="")(pixels, PROMPTS, [{}] * 3)
+    torch.testing.assert_close(torch.tensor(bare["cosine"]), reference_cosine(model, processor, pixels, PROMPTS),
+                               atol=1e-4, rtol=0)
+    assert (torch.tensor(bare["cosine"]) - torch.tensor(metadata["cosine"])).abs().max() > 1e-3
     torch.testing.assert_close(torch.tensor(metadata["cosine"]), expected_cos, atol=1e-4, rtol=0)
     torch.testing.assert_close(scores, 2.5 * expected_cos.clamp(min=0), atol=2.5e-4, rtol=0)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and (scores >= 0).all()
@@ -223,8 +228,9 @@ def openclip_forward(sd, pixels, tokens, heads=4, layers=2):
 def test_hpsv2_loads_an_openclip_checkpoint_and_scores_its_cosine(tmp_path, tiny_clip):
     """HPSv2 converts the OpenCLIP-format checkpoint into a transformers CLIPModel; its score equals
     OpenCLIP's cosine computed directly from the checkpoint's tensors, for a plain and a DDP-saved file."""
+    from test_reward_transforms import decoded, letterbox_reference
+
     from loop_trl.rewards import HPSv2
-    from loop_trl.rewards.base import clip_preprocess
 
     model, processor = tiny_clip
     config = copy.deepcopy(model.config)
@@ -232,10 +238,9 @@ def test_hpsv2_loads_an_openclip_checkpoint_and_scores_its_cosine(tmp_path, tiny
     sd = openclip_state_dict()
     torch.save({"state_dict": sd}, tmp_path / "hps.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "hps_ddp.pt")
-    pixels = images(seed=3)
+    pixels = torch.cat([decoded(24, 40, seed=3), decoded(24, 40, seed=4)])[:3]  # non-square: letterboxed, not cropped
     tokens = processor.tokenizer(PROMPTS, padding=True, return_tensors="pt")["input_ids"]
-    expected = openclip_forward(sd, clip_preprocess(pixels, 32, processor.image_processor.image_mean,
-                                                    processor.image_processor.image_std), tokens)
+    expected = openclip_forward(sd, letterbox_reference(pixels, 32), tokens)
     for name in ("hps.pt", "hps_ddp.pt"):
         reward = HPSv2(processor=processor, checkpoint=str(tmp_path / name), config=config, device="cpu")
         scores, metadata = reward(pixels, PROMPTS, [{}] * 3)

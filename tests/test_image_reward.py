@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import BertTokenizer
 
+from test_reward_transforms import openai_clip_reference
+
 from loop_trl.rewards import ImageReward
-from loop_trl.rewards.base import clip_preprocess
 from loop_trl.rewards.image_reward import (CLIP_MEAN, CLIP_STD, SCORE_MEAN, SCORE_STD, ImageRewardModel,
                                            blip_vision_to_transformers)
 
@@ -126,11 +127,11 @@ def test_image_reward_loads_the_released_layout_and_matches_blip_written_out(tmp
     torch.save(sd, tmp_path / "ImageReward.pt")
     model = ImageRewardModel.from_checkpoint(str(tmp_path / "ImageReward.pt"), *configs(len(tokenizer)))
     reward = ImageReward(model, tokenizer, device="cpu")
-    images = pixels()  # 40 px: resized to the encoder's 32 and centre-cropped
+    images = pixels()[..., :56]  # 40 x 56: the short side resized to the encoder's 32 (the long one truncated), cropped
+    images = torch.cat([images, torch.rand(3, 3, 40, 16, generator=torch.Generator().manual_seed(1))], dim=-1)
     scores, _ = reward(images, PROMPTS, [{}] * 3)
     tokens = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-    expected = blip_reference(sd, clip_preprocess(images, SIZE, CLIP_MEAN, CLIP_STD), tokens["input_ids"],
-                              tokens["attention_mask"])
+    expected = blip_reference(sd, openai_clip_reference(images, SIZE), tokens["input_ids"], tokens["attention_mask"])
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.std() > 0
     # batching, order and a prompt's own image: each score depends on its pair only

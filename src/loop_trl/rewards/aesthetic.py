@@ -86,7 +86,7 @@ class AestheticScorer(nn.Module):
         return cls(clip, mlp, size, processor.image_mean, processor.image_std)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize the short side to ``image_size`` (bicubic), centre-crop, normalise."""
+        """OpenAI CLIP's transform on 8-bit images (short side to ``image_size``, bicubic; centre crop; normalise)."""
         return clip_preprocess(images, self.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist())
 
     @torch.no_grad()

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "load_state_dict_file", "reward_name", "score_in_batches",
-           "to_image_tensor"]
+__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "letterbox_preprocess", "load_state_dict_file",
+           "quantize_8bit", "reward_name", "score_in_batches", "to_image_tensor"]
 
 RewardFunction = Callable[[Any, Sequence[str], Sequence[Any]], tuple[Any, Any]]
 
@@ -33,17 +33,62 @@ def to_image_tensor(images: Any) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """CLIP's image preprocessing on tensors: short side to ``size`` (bicubic, antialiased), centre crop, normalise."""
-    height, width = images.shape[-2:]
-    scale = size / min(height, width)
-    resized = (max(size, round(height * scale)), max(size, round(width * scale)))
-    images = F.interpolate(images, size=resized, mode="bicubic", align_corners=False, antialias=True)
-    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
-    images = images[..., top:top + size, left:left + size].clamp(0, 1)
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] rounded to the 256 levels of an 8-bit image, as diffusers' ``numpy_to_pil`` (and so a
+    saved PNG) has them: what the reward models' authors score."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / std_t
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """OpenAI CLIP's image transform, as ``clip.load`` builds it and its users apply it to 8-bit PIL images.
+
+    ImageReward, the LAION aesthetic predictor and CLIPScore (Hessel et al.) all score with it:
+    ``Resize(size, BICUBIC)`` on the PIL image (the short side to ``size``, the long side to
+    ``int(size * long / short)``: truncated, torchvision's rule), ``CenterCrop(size)`` (offsets
+    rounded), ``ToTensor``, ``Normalize(mean, std)``. Here too on 8-bit PIL images, so the resize is
+    PIL's, with its rounding to 8 bits. Returns (B, 3, size, size) on the images' device.
+    """
+    from PIL import Image
+
+    pixels = (quantize_8bit(images.float()) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for array in pixels:
+        image = Image.fromarray(array)
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = size, int(size * long / short)
+        new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+        image = image.resize((new_width, new_height), Image.BICUBIC)
+        top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+        out.append(np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255)
+    return _normalize(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.device), mean, std)
+
+
+def letterbox_preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """OpenCLIP's ``ResizeMaxSize`` transform, as HPSv2's ``img_score.py`` scores with it (``light_augmentation``).
+
+    The 8-bit image as floats (``ToTensor``), the longest side to ``size`` (bicubic, antialiased, the
+    new sides ``round(side * size / longest)``), black padding to a square (half on each side, the odd
+    pixel right or bottom), ``Normalize(mean, std)``; no clamping after the resize. Nothing is cropped:
+    a non-square image keeps its whole content. (OpenCLIP leaves an image whose longest side already
+    is ``size`` unpadded, which no ViT takes when it is not square; such an image is padded here.)
+    """
+    images = quantize_8bit(images.float())
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    if scale != 1.0:
+        new_height, new_width = round(height * scale), round(width * scale)
+        images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True)
+        height, width = new_height, new_width
+    pad_h, pad_w = size - height, size - width
+    images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    return _normalize(images, mean, std)
 
 
 def score_in_batches(images: Any, prompts: Sequence[str], batch_size: int,

@@ -4,8 +4,9 @@ All embed the image and its prompt with a (transformers) CLIP model and score th
 similarity of the two embeddings; they differ in the model and the scale:
 
 * :class:`CLIPScore` (Hessel et al. 2021): ``w * max(cos, 0)`` with ``w = 2.5``, on
-  ``openai/clip-vit-large-patch14`` by default. Range [0, 2.5]; typical matching pairs score
-  0.6-0.9. Measures how well the image matches the text.
+  ``openai/clip-vit-base-patch32`` with the prompt prefixed by "A photo depicts ", as their
+  ``clipscore.py``. Range [0, 2.5]; typical matching pairs score 0.6-0.9. Measures how well the
+  image matches the text.
 * :class:`PickScore` (Kirstain et al. 2023): ``logit_scale * cos`` with the model's learned
   ``logit_scale`` (100), on ``yuvalkirstain/PickScore_v1`` with the
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` processor, as its model card shows. Range [-100, 100];
@@ -15,7 +16,8 @@ similarity of the two embeddings; they differ in the model and the scale:
   ViT-H/14 fine-tuned on human preference pairs (HPD v2), ``xswu/HPSv2`` /
   ``HPS_v2.1_compressed.pt``. Range [-1, 1]; typical images about 0.2-0.35. Its checkpoint is in
   OpenCLIP's layout; it is converted to a transformers ``CLIPModel`` on loading
-  (:func:`openai_clip_to_transformers`), so open_clip (and torchvision) are not needed.
+  (:func:`openai_clip_to_transformers`), so open_clip (and torchvision) are not needed. Images are
+  letterboxed (longest side to 224, black padding), as HPSv2's own ``img_score.py`` does, not cropped.
 
 Weights load from safetensors, or for HPSv2's checkpoint with ``torch.load(weights_only=True)``;
 model and processor may be Hub ids or local folders.
@@ -28,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import clip_preprocess, load_state_dict_file, score_in_batches
+from .base import clip_preprocess, letterbox_preprocess, load_state_dict_file, score_in_batches
 
 __all__ = ["CLIPScore", "HPSv2", "PickScore", "openai_clip_to_transformers"]
 
@@ -38,6 +40,10 @@ class _CLIPSimilarity:
 
     default_model: str = ""
     default_processor: str = ""
+    #: the image transform of the reward's authors: (images, size, mean, std) -> pixels
+    preprocess = staticmethod(clip_preprocess)
+    #: text put before each prompt (CLIPScore's "A photo depicts ")
+    prefix: str = ""
 
     def __init__(self, model: torch.nn.Module | None = None, processor: Any = None, *, model_id: str | None = None,
                  processor_id: str | None = None, device: str | torch.device | None = None,
@@ -61,8 +67,8 @@ class _CLIPSimilarity:
         return score_in_batches(images, prompts, self.batch_size, self._cosine_batch)
 
     def _cosine_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std)
-        tokens = self.tokenizer(prompts, padding=True, truncation=True,
+        pixels = self.preprocess(images.to(self.device), self.image_size, self.mean, self.std)
+        tokens = self.tokenizer([self.prefix + p for p in prompts], padding=True, truncation=True,
                                 max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
         output = self.model(input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device),
                             pixel_values=pixels.to(next(self.model.parameters()).dtype))
@@ -74,20 +80,26 @@ class _CLIPSimilarity:
 
 
 class CLIPScore(_CLIPSimilarity):
-    """``reward_function`` with CLIPScore, ``w * max(cos(image, prompt), 0)`` (w = 2.5), in [0, 2.5].
+    """``reward_function`` with CLIPScore, ``w * max(cos(image, prefix + prompt), 0)`` (w = 2.5), in [0, 2.5].
+
+    By default this is Hessel et al.'s definition as their ``clipscore.py`` computes it: ViT-B/32
+    (``openai/clip-vit-base-patch32``), the text prefixed with ``"A photo depicts "``, OpenAI CLIP's
+    image transform on 8-bit images.
 
     Args:
         model, processor: a transformers ``CLIPModel`` and its processor, or None to load
-            ``model_id`` / ``processor_id`` (default ``openai/clip-vit-large-patch14`` for both).
+            ``model_id`` / ``processor_id`` (default ``openai/clip-vit-base-patch32`` for both;
+            ``openai/clip-vit-large-patch14`` is a common stronger choice, no longer CLIPScore as published).
         w: the scale (2.5 in the CLIPScore paper).
+        prefix: put before every prompt (``""`` scores the bare prompt).
         device, dtype, batch_size: where and how the model runs (default: CUDA if available).
     """
 
-    default_model = default_processor = "openai/clip-vit-large-patch14"
+    default_model = default_processor = "openai/clip-vit-base-patch32"
 
-    def __init__(self, model=None, processor=None, *, w: float = 2.5, **kwargs):
+    def __init__(self, model=None, processor=None, *, w: float = 2.5, prefix: str = "A photo depicts ", **kwargs):
         super().__init__(model, processor, **kwargs)
-        self.w = w
+        self.w, self.prefix = w, prefix
 
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
         cos = self.cosine(images, prompts)
@@ -182,6 +194,8 @@ class HPSv2(_CLIPSimilarity):
 
     default_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"
     default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # img_score.py scores with OpenCLIP's light_augmentation transform: longest side to 224, then black padding
+    preprocess = staticmethod(letterbox_preprocess)
 
     def __init__(self, model=None, processor=None, *, checkpoint: str | None = None, config: Any = None, **kwargs):
         if model is None:
