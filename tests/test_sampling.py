@@ -107,3 +107,69 @@ def test_step_std_is_diffusers_variance_and_shrinks_to_the_end():
         torch.testing.assert_close(std, scheduler._get_variance(t, prev_t).sqrt().float())
     assert stds[-1] < stds[-2] < 0.2 * stds[-3]  # the final two steps are nearly deterministic (0.02, 0.04 vs 0.26)
     torch.testing.assert_close(ddim_step_std(scheduler, scheduler.timesteps, eta=0.5), 0.5 * stds)
+
+
+# Scheduler configs a diffusers checkpoint can carry, and the steps of a 4-step schedule left without noise
+# (a step to the timestep it starts from: the last one, where the schedule reaches timestep 0)
+SCHEDULER_CONFIGS = [
+    ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=1), []),  # SD 1.5's released settings
+    ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=0), [3]),  # timesteps 750 .. 0
+    ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True), [3]),
+    ("DDIMScheduler", dict(timestep_spacing="trailing", steps_offset=0), []),  # 999 .. 249
+    ("DDIMScheduler", dict(timestep_spacing="linspace", steps_offset=0), [3]),  # 999 .. 0
+    ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=0), [3]),  # an SDXL-style config
+]
+
+
+@pytest.mark.parametrize("name, settings, zero", SCHEDULER_CONFIGS)
+def test_zero_variance_steps_are_deterministic_and_refused_for_training(name, settings, zero, tiny_sd_path, tmp_path):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from loop_trl import LOOPConfig, LOOPTrainer
+    from loop_trl.rewards import JpegCompressibility
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **settings)
+    policy = LOOPStableDiffusionPipeline(pipe)
+    assert policy.zero_variance_steps(4) == zero
+    traj = policy.sample(["a cat", "a dog"], num_steps=4, guidance_scale=1.0, eta=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()
+    assert (traj.log_probs[:, zero] == 0).all()
+    assert (traj.log_probs[:, [i for i in range(4) if i not in zero]] != 0).all()
+    if zero:  # called directly there, the step says why instead of returning NaN
+        with pytest.raises(ValueError, match="zero variance"):
+            ddim_step_with_logprob(policy.pipeline.scheduler, traj.latents[:, 3], traj.timesteps[:, 3], traj.latents[:, 3])
+
+    def trainer(**fields):
+        config = LOOPConfig(num_epochs=1, sample_num_steps=4, sample_batch_size=4, train_batch_size=4, mixed_precision="no",
+                            sample_guidance_scale=1.0, output_dir=str(tmp_path), **fields)
+        return LOOPTrainer(config, JpegCompressibility(), ["a cat"], policy)
+
+    if zero:
+        with pytest.raises(ValueError, match=r"step\(s\) \[3\] .* zero variance.*train_timestep_stop=-1"):
+            trainer()
+    run = trainer(train_timestep_stop=-1) if zero else trainer()
+    run.step(0, 0)
+    assert run.last_metrics["onpolicy_max_abs_logratio"] < 1e-5
+
+
+def test_a_non_finite_sampled_log_prob_stops_the_run(tiny_sd_path, tmp_path, monkeypatch):
+    from loop_trl import LOOPConfig, LOOPTrainer
+    from loop_trl.rewards import JpegCompressibility
+
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    config = LOOPConfig(num_epochs=1, sample_num_steps=3, sample_batch_size=4, train_batch_size=4, mixed_precision="no",
+                        sample_guidance_scale=1.0, output_dir=str(tmp_path))
+    trainer = LOOPTrainer(config, JpegCompressibility(), ["a cat"], policy)
+    sample = policy.sample
+
+    def broken(*args, **kwargs):  # what a zero-variance step used to record
+        traj = sample(*args, **kwargs)
+        traj.log_probs[1, 2] = float("nan")
+        return traj
+
+    monkeypatch.setattr(policy, "sample", broken)
+    with pytest.raises(RuntimeError, match=r"non-finite log-probability \(sample 1, step 2 of epoch 0\)"):
+        trainer.step(0, 0)

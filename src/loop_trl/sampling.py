@@ -161,6 +161,13 @@ def ddim_step_with_logprob(
     dtype = model_output.dtype
     sample = sample.float()
     mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    if not bool((std > 0).all()):
+        zero = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])[(std.reshape(-1) <= 0).cpu()]
+        raise ValueError(
+            f"The DDIM step at timestep {int(zero[0])} has zero variance under this scheduler config (alpha_bar of "
+            "the step's target equals its own: the last step of a schedule that reaches timestep 0, e.g. "
+            "timestep_spacing='leading' with steps_offset=0). It is deterministic and has no log-probability: take "
+            "it with ddim_step, and do not train it (train_timestep_stop=-1).")
 
     if prev_sample is None:
         if noise is None:

@@ -123,6 +123,15 @@ class LOOPTrainer:
         # which denoising steps are trained, and each step's loss weight (mean 1 over those steps)
         self.train_steps = config.train_timesteps
         self.step_weights = normalized_step_weights(config.train_timestep_weights, config.sample_num_steps, self.train_steps)
+        untrainable = sorted(set(self.policy.zero_variance_steps(config.sample_num_steps)) & set(self.train_steps))
+        if untrainable:
+            last = config.sample_num_steps - 1
+            raise ValueError(
+                f"Denoising step(s) {untrainable} of the {config.sample_num_steps}-step schedule have zero variance "
+                f"under this pipeline's scheduler config (its last timestep is 0, e.g. timestep_spacing='leading' with "
+                f"steps_offset=0): they are deterministic and have no log-probability to train. Leave them out with "
+                f"train_timestep_stop={untrainable[0] - config.sample_num_steps if untrainable[0] < last else -1}, or "
+                f"set the scheduler's steps_offset=1 (as the released SD checkpoints do).")
 
         project_config = ProjectConfiguration(project_dir=config.output_dir,
                                               logging_dir=os.path.join(config.output_dir, "logs"),
@@ -267,6 +276,11 @@ class LOOPTrainer:
         self._timers = defaultdict(float)
         started = self._clock()
         trajectories, prompt_image_data, valid = self._sample(epoch)
+        if not bool(torch.isfinite(trajectories.log_probs).all()):
+            bad = (~torch.isfinite(trajectories.log_probs)).nonzero()[0].tolist()
+            raise RuntimeError(f"Sampling recorded a non-finite log-probability (sample {bad[0]}, step {bad[1]} of epoch "
+                               f"{epoch}); training on it would be off-policy garbage. Check the scheduler config and "
+                               "mixed_precision (try 'no' or 'bf16'); the last checkpoint is intact.")
         rewards = torch.cat([torch.as_tensor(batch[3]) for batch in prompt_image_data]).float()
         advantages, epoch_metrics = self._advantages(trajectories, rewards, valid)
         epoch_metrics.update(self._reward_components(prompt_image_data))

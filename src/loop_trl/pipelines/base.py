@@ -179,6 +179,11 @@ class DiffusionPolicy(abc.ABC):
         return dict(pipeline_class="DiffusionPipeline", module_name="unet", module_class="UNet2DConditionModel",
                     tags=[], takes_eta=False, scheduler_class=None, scheduler_kwargs={})
 
+    def zero_variance_steps(self, num_steps: int) -> list[int]:
+        """Step indices of a ``num_steps``-step schedule whose transition carries no noise at any stochasticity
+        (deterministic, log-probability 0, never trainable); the trainer refuses to train them."""
+        return []
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass of training forward passes (to save memory)."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing.")

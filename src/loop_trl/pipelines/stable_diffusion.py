@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from ..sampling import ddim_step, ddim_step_with_logprob, standard_normal
+from ..sampling import ddim_step, ddim_step_std, ddim_step_with_logprob, standard_normal
 from .base import Conditioning, Trajectories
 from .diffusers_policy import LORA_WEIGHT_NAME, DiffusersPolicy
 
@@ -97,10 +97,11 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         shape = (len(prompts), pipe.unet.config.in_channels, size, size)
         latents = standard_normal(shape, generator).to(device) * scheduler.init_noise_sigma
         all_latents, all_log_probs = [latents], []
+        deterministic = set(self.zero_variance_steps(num_steps))  # no noise to add there, whatever eta
         for i, t in enumerate(scheduler.timesteps):
             timesteps = t.expand(len(prompts)).to(device)
             noise_pred = self._predict_noise(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
-            if stochastic_steps is None or i in stochastic_steps:
+            if (stochastic_steps is None or i in stochastic_steps) and i not in deterministic:
                 latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, generator=generator)
             else:
                 latents, log_prob = ddim_step(scheduler, noise_pred, timesteps, latents), torch.zeros(len(prompts), device=device)
@@ -118,6 +119,15 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
             guidance_scale=guidance_scale,
             eta=eta,
         )
+
+    def zero_variance_steps(self, num_steps: int) -> list[int]:
+        """Step indices of the ``num_steps``-step DDIM schedule whose Gaussian has zero variance at any eta:
+        a step to the timestep it starts from (the last step when the schedule reaches timestep 0:
+        ``timestep_spacing='leading'`` with ``steps_offset=0``). They are sampled deterministically,
+        record a log-probability of 0 and cannot be trained."""
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(num_steps, device=self.device)
+        return [i for i, t in enumerate(scheduler.timesteps.tolist()) if float(ddim_step_std(scheduler, int(t))) <= 0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
