@@ -21,6 +21,7 @@ from PIL import Image
 from trl import TrlParser
 
 from loop_trl import policy_class_for
+from loop_trl.hub import exit_if_hub_unreachable
 
 
 @dataclass
@@ -60,7 +61,9 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     dtype = dtypes.get(args.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = load_pipeline(args, device, dtype)
+    with exit_if_hub_unreachable("the base model or adapter", f"{args.base} + {args.adapter}" if args.adapter else args.base,
+                                 "Pass local folders: --base /path/to/model --adapter /path/to/run."):
+        pipe = load_pipeline(args, device, dtype)
     os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     for p, prompt in enumerate(args.prompts):

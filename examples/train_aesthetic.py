@@ -25,6 +25,7 @@ import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
 from loop_trl.hooks import log_images_hook
+from loop_trl.hub import exit_if_hub_unreachable
 from loop_trl.rewards import AestheticReward
 from loop_trl.rewards.serve import load_reward
 
@@ -78,13 +79,18 @@ def main() -> None:
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: diffusers' fp32 default
     if args.load_dtype not in dtypes:
         raise ValueError(f"--load_dtype must be one of {sorted(dtypes)}, got {args.load_dtype!r}.")
-    reward = make_reward(args)
+    with exit_if_hub_unreachable(f"the {args.reward} reward's weights", args.aesthetic_clip_model if args.reward == "aesthetic"
+                                 else args.reward, "Pass local folders (--aesthetic_clip_model, --aesthetic_head) or "
+                                 "a reward that needs no weights (--reward jpeg_compressibility)."):
+        reward = make_reward(args)
     targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()] if args.lora_target_modules else None
-    policy = load_policy(
-        args.pretrained_model, revision=args.pretrained_revision, torch_dtype=dtypes[args.load_dtype],
-        use_lora=args.use_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target_modules=targets,
-        adapter=args.init_adapter, resolution=args.resolution,
-    )
+    with exit_if_hub_unreachable("the base model", args.pretrained_model + (f" and adapter {args.init_adapter}" if args.init_adapter else ""),
+                                 "Pass a local folder in diffusers format: --pretrained_model /path/to/model."):
+        policy = load_policy(
+            args.pretrained_model, revision=args.pretrained_revision, torch_dtype=dtypes[args.load_dtype],
+            use_lora=args.use_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target_modules=targets,
+            adapter=args.init_adapter, resolution=args.resolution,
+        )
     trainer = LOOPTrainer(config, reward, make_prompts(args), policy,
                           image_samples_hook=log_images_hook() if args.log_images else None)
     trainer.train()

@@ -123,3 +123,66 @@ def test_aesthetic_example_trains_a_flow_model_and_generate_loads_it(tmp_path, f
               "a cat", "--num_inference_steps", "3", "--height", "32", "--width", "32", "--num_images", "2",
               "--output_dir", "samples", cwd=tmp_path)
     assert "Wrote 2 images" in out.stdout
+
+
+OFFLINE_CASES = [([], "the aesthetic reward's weights 'openai/clip-vit-large-patch14'", "--aesthetic_clip_model"),
+                 (["--reward", "jpeg_compressibility"], "the base model 'stable-diffusion-v1-5/stable-diffusion-v1-5'",
+                  "--pretrained_model /path/to/model")]
+
+
+def check_one_line(stderr: str, names: str, fix: str) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not fetch {names} from the Hugging Face Hub (offline or unreachable"), last
+    assert fix in last and "HF_HUB_OFFLINE=1" in last and "examples/train_shapes.py" in last, last
+
+
+@pytest.mark.parametrize("extra, names, fix", OFFLINE_CASES)
+def test_the_readme_training_command_offline_says_so_in_one_line(tmp_path, extra, names, fix):
+    """`accelerate launch examples/train_aesthetic.py` with the Hub cache empty and HF_HUB_OFFLINE=1: one line naming
+    what could not be fetched and what to do, not a chain of tracebacks."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_aesthetic.py"), *extra], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    check_one_line(result.stderr, names, fix)
+
+
+@pytest.mark.parametrize("extra, names, fix", OFFLINE_CASES)
+def test_the_readme_training_command_with_the_hub_unreachable_says_so_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                                 extra, names, fix):
+    """The same with the network down: every Hub request fails to connect, as httpx reports a refused connection
+    (stood in for in the process: huggingface_hub would retry a real refusal for about half a minute first)."""
+    import importlib
+
+    import huggingface_hub.file_download as file_download
+
+    try:  # the HTTP client of the installed huggingface_hub
+        client = importlib.import_module("httpx2")
+    except ImportError:
+        client = importlib.import_module("httpx")
+
+    def refused(*args, **kwargs):
+        raise client.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", refused)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(file_download.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sys, "argv", ["train_aesthetic.py", *extra])
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import train_aesthetic
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as exit_info:
+        train_aesthetic.main()
+    check_one_line(str(exit_info.value), names, fix)
+    assert "ConnectError" in str(exit_info.value)
+
+
+def test_other_errors_pass_through_the_offline_message():
+    from loop_trl.hub import exit_if_hub_unreachable
+
+    with pytest.raises(ValueError, match="a bad value"):
+        with exit_if_hub_unreachable("the base model", "x/y", "fix"):
+            raise ValueError("a bad value")

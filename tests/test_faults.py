@@ -154,3 +154,81 @@ def test_cosine_can_end_above_zero(tmp_path, tiny_sd_path):
         rates.append(trainer.optimizer.param_groups[0]["lr"])
     # 4 optimizer steps; halfway the cosine is midway between the peak and its floor, at the end on the floor
     assert rates == pytest.approx([(1e-2 + 2.5e-3) / 2, 2.5e-3])
+
+
+class TokenizerReward:
+    """A reward that tokenizes its prompts with a Hugging Face fast tokenizer (not thread-safe: two threads in it at
+    once can raise "Already borrowed") and records how many threads were ever inside it together."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "a", "red", "circle", "blue", "square", "two", "green",
+                                             "triangles", "yellow", "star"])}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+        self.inside = self.most_inside = 0
+        self.guard = __import__("threading").Lock()
+
+    def __call__(self, images, prompts, metadata):
+        import time
+
+        with self.guard:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            time.sleep(0.3)  # long enough that a second worker would arrive while this one is inside
+            tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=4 + len(prompts) % 3)
+            return torch.tensor([float(sum(ids)) for ids in tokens["input_ids"]]), {}
+        finally:
+            with self.guard:
+                self.inside -= 1
+
+
+def test_async_scoring_calls_a_reward_one_thread_at_a_time(tmp_path, tiny_sd_path):
+    reward = TokenizerReward()
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward=reward, async_reward_computation=True, max_workers=2,
+                           sample_batch_size=4, sample_num_batches_per_epoch=3, train_batch_size=4)
+    trainer.step(0, 0)
+    assert reward.most_inside == 1  # two workers, but the reward is not thread-safe: never two threads inside
+    assert trainer.last_metrics["skipped_groups"] == 0
+    assert trainer.config.max_workers == 2 and small_config(tmp_path).max_workers == 1  # one worker by default
+
+
+def test_train_cfg_off_with_guidance_warns_at_config_time(tmp_path):
+    with pytest.warns(UserWarning, match="train_cfg=False .* off-policy from its first step"):
+        small_config(tmp_path, train_cfg=False, sample_guidance_scale=2.0)
+
+
+def test_evaluation_vets_the_reward_and_reports_each_component(tmp_path, tiny_sd_path):
+    from loop_trl.rewards import MultiReward
+
+    def brightness(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    def unscorable_star(images, prompts, metadata):  # cannot score one prompt: NaN there
+        return torch.tensor([float("nan") if "star" in p else 1.0 for p in prompts]), {}
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, reward={"bright": brightness, "star": unscorable_star},
+                           eval_prompts=PROMPTS, eval_num_steps=2, eval_num_images_per_prompt=1, eval_batch_size=4)
+    metrics = trainer.evaluate(log=False)
+    assert metrics["rewards/star/mean"] == 1.0 and metrics["num_images"] == 4  # NaN left out of the component's mean
+    assert metrics["rewards/bright/mean"] == pytest.approx(metrics["reward_mean"] - 0.75, abs=1e-6)
+
+    def nan_for_star(images, prompts, metadata):
+        return torch.tensor([float("nan") if "star" in p else 0.5 for p in prompts]), {}
+
+    strict = make_trainer(tmp_path / "a", tiny_sd_path, reward=nan_for_star, eval_prompts=PROMPTS, eval_num_steps=2,
+                          eval_num_images_per_prompt=1, eval_batch_size=4)
+    with pytest.raises(ValueError, match="returned nan for evaluation prompt 'a yellow star'"):
+        strict.evaluate(log=False)
+    lenient = make_trainer(tmp_path / "b", tiny_sd_path, reward=nan_for_star, eval_prompts=PROMPTS, eval_num_steps=2,
+                           eval_num_images_per_prompt=1, eval_batch_size=4, reward_error="skip_group")
+    metrics = lenient.evaluate(log=False)
+    assert metrics["reward_mean"] == 0.5 and metrics["num_images"] == 3 and metrics["num_dropped"] == 1
+    wrong = make_trainer(tmp_path / "c", tiny_sd_path, reward=lambda i, p, m: (torch.ones(len(p) - 1), {}),
+                         eval_prompts=PROMPTS, eval_num_steps=2, eval_num_images_per_prompt=1, eval_batch_size=4)
+    with pytest.raises(ValueError, match="one number per image"):
+        wrong.evaluate(log=False)

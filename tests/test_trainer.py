@@ -159,6 +159,37 @@ def test_resume_continues_exactly(tmp_path, tiny_sd_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_resume_goes_on_in_the_same_wandb_run_with_its_history(tmp_path, tiny_sd_path, monkeypatch):
+    """A resumed run logs into the W&B run it started (accelerate's init_kwargs get its id and resume='allow')
+    and keeps its log_history and counters; wandb itself is stood in for."""
+    seen = []
+
+    class FakeTracker:
+        name = "wandb"
+        run = type("Run", (), {"id": "run-abc123"})()
+
+        def log(self, values, step=None, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    def fake_init_trackers(self, project_name, config=None, init_kwargs=None):
+        seen.append(init_kwargs)
+        self.trackers = [FakeTracker()]
+
+    monkeypatch.setattr("accelerate.Accelerator.init_trackers", fake_init_trackers)
+    first = make_trainer(tmp_path, tiny_sd_path, log_with="wandb", num_epochs=2)
+    first.train(epochs=1)
+    first.nonfinite_steps = 3  # as if the first epoch had skipped some steps
+    first.save_checkpoint()
+    resumed = make_trainer(tmp_path, tiny_sd_path, log_with="wandb", num_epochs=2, resume_from="latest")
+    assert "id" not in seen[0]["wandb"]
+    assert seen[1]["wandb"]["id"] == "run-abc123" and seen[1]["wandb"]["resume"] == "allow"
+    assert resumed.log_history == first.log_history and len(resumed.log_history) == 3  # 2 optimizer steps + the epoch
+    assert resumed.nonfinite_steps == 3
+
+
 def test_push_to_hub_uploads_the_saved_folder(tmp_path, tiny_sd_path, monkeypatch):
     calls = {}
 

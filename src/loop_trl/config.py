@@ -142,7 +142,7 @@ class LOOPConfig:
     # Faults
     reward_weights: Optional[Union[list, str]] = field(default=None, metadata={"help": "With several rewards (reward_function a list or dict): one weight per reward, the total being the weighted sum (JSON on the command line such as '[1.0, 0.5]'). None weighs each 1."})
     async_reward_computation: bool = field(default=False, metadata={"help": "Score each sampling batch in a worker thread while the next batch samples (DDPO's option). Same results as scoring in turn; worth it when the reward runs elsewhere than the sampler (a CPU reward such as OCR, another GPU, a reward server)."})
-    max_workers: int = field(default=2, metadata={"help": "With async_reward_computation: worker threads that score batches."})
+    max_workers: int = field(default=1, metadata={"help": "With async_reward_computation: worker threads that score batches. They call the reward one at a time unless it sets thread_safe = True (most models and tokenizers are not thread-safe), so more than 1 helps only such rewards."})
     reward_error: str = field(default="raise", metadata={"help": "What a failing reward does: 'raise' stops the run with a message naming the prompt and sample; 'skip_group' drops the affected prompt groups from the epoch (they get zero advantage) and logs how many."})
     reward_max_skip_fraction: float = field(default=0.5, metadata={"help": "With reward_error='skip_group': stop if more than this fraction of an epoch's prompt groups is dropped."})
     max_consecutive_nonfinite_steps: int = field(default=5, metadata={"help": "An optimizer step whose loss or gradient norm is not finite is skipped and logged; stop after this many such steps in a row."})
@@ -194,6 +194,11 @@ class LOOPConfig:
                   f"{name} must be > 0, got {value!r}." + (" Use 'inf' to disable clipping." if name == "train_clip_range" else ""))
         check(self.sample_guidance_scale >= 1.0,
               f"sample_guidance_scale must be >= 1.0 (1.0 disables guidance), got {self.sample_guidance_scale}.")
+        if not self.train_cfg and self.sample_guidance_scale > 1.0:
+            warnings.warn(f"train_cfg=False scores the sampled steps without guidance, but they were sampled with "
+                          f"sample_guidance_scale={self.sample_guidance_scale}: training is off-policy from its first "
+                          "step (onpolicy_max_abs_logratio will not be 0 and the clipping acts on a wrong ratio). Use "
+                          "train_cfg=True, or sample without guidance (sample_guidance_scale=1.0).", stacklevel=3)
         check(0.0 < self.train_timestep_fraction <= 1.0,
               f"train_timestep_fraction must lie in (0, 1], got {self.train_timestep_fraction}.")
         for name in ("train_timestep_start", "train_timestep_stop"):

@@ -14,6 +14,7 @@ carries a ``category`` list (one name per image).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,7 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .rewards.base import as_reward_tensor
+
 __all__ = ["EvalSamples", "eval_batches", "sample_and_score", "summarize"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,8 +38,10 @@ class EvalSamples:
     rewards: list[float] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
     categories: list[str] | None = None
+    num_dropped: int = 0  # images left out for a non-finite reward
 
     def extend(self, other: "EvalSamples") -> None:
+        self.num_dropped += other.num_dropped
         self.prompts += other.prompts
         self.rewards += other.rewards
         for key, values in other.values.items():
@@ -44,11 +51,16 @@ class EvalSamples:
 
 
 def _per_image_numbers(reward_metadata: Any, n: int) -> tuple[dict[str, list[float]], list[str] | None]:
-    """The per-image numbers (bools count as 0/1) and the ``category`` list of a reward's metadata dict."""
+    """The per-image numbers (bools count as 0/1) and the ``category`` list of a reward's metadata dict; a
+    :class:`~loop_trl.rewards.MultiReward`'s components (its ``rewards`` dict) as ``rewards/{name}``."""
     if not isinstance(reward_metadata, dict):
         return {}, None
     numbers = {}
-    for key, value in reward_metadata.items():
+    components = reward_metadata.get("rewards")
+    items = list(reward_metadata.items())
+    if isinstance(components, dict):
+        items += [(f"rewards/{name}", value) for name, value in components.items()]
+    for key, value in items:
         if torch.is_tensor(value):
             value = value.detach().cpu()
             if value.ndim == 1 and len(value) == n and (value.is_floating_point() or value.dtype in (torch.bool, torch.int64, torch.int32)):
@@ -84,6 +96,7 @@ def sample_and_score(
     batch_indices: Sequence[int] | None = None,
     progress: bool = False,
     stochastic_steps: Sequence[int] | None = None,
+    skip_nonfinite: bool = False,
 ) -> EvalSamples:
     """Sample ``images_per_prompt`` images per prompt from fixed noise and score them.
 
@@ -91,6 +104,9 @@ def sample_and_score(
     pass their share). The result keeps the order of the batches run. ``stochastic_steps`` are the
     steps that carry noise (None: all; an SDE window: those); ``eta=0`` samples every step
     deterministically (DDIM eta 0, the flow ODE), as the plain diffusers pipelines do.
+
+    The reward's output is checked as in training: a wrong type or length raises; a non-finite reward
+    raises, or with ``skip_nonfinite`` that image is left out and counted in ``num_dropped``.
     """
     if eta == 0:
         stochastic_steps = []
@@ -107,14 +123,34 @@ def sample_and_score(
         traj = policy.sample(batch_prompts, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                              generator=generator, negative_prompt=negative_prompt, stochastic_steps=stochastic_steps)
         output = reward_function(traj.images, batch_prompts, batch_metadata)
-        rewards = torch.as_tensor(output[0] if isinstance(output, tuple) else output).detach().cpu().double().reshape(-1)
-        numbers, categories = _per_image_numbers(output[1] if isinstance(output, tuple) else None, len(batch_prompts))
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise TypeError(f"reward_function must return (rewards, reward_metadata), got {type(output).__name__}.")
+        rewards = as_reward_tensor(output[0], batch_prompts)
+        numbers, categories = _per_image_numbers(output[1], len(batch_prompts))
+        finite = torch.isfinite(rewards)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            message = (f"reward_function returned {rewards[i].item()} for evaluation prompt {batch_prompts[i]!r} "
+                       f"({int((~finite).sum())} non-finite in evaluation batch {b})")
+            if not skip_nonfinite:
+                raise ValueError(message + "; rewards must be finite.")
+            logger.warning(message + "; those images are left out of the evaluation.")
+            keep = finite.tolist()
+            batch_prompts = [p for p, k in zip(batch_prompts, keep) if k]
+            rewards = rewards[finite]
+            numbers = {key: [v for v, k in zip(values, keep) if k] for key, values in numbers.items()}
+            categories = None if categories is None else [c for c, k in zip(categories, keep) if k]
         out.extend(EvalSamples(batch_prompts, rewards.tolist(), numbers, categories))
+        out.num_dropped += int((~finite).sum())
     return out
 
 
 def _mean_and_sem(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error over the values that are not NaN (a reward component that could not score an image)."""
     array = np.asarray(values, dtype=np.float64)
+    array = array[~np.isnan(array)]
+    if not len(array):
+        return float("nan"), float("nan")
     sem = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else float("nan")
     return float(array.mean()), sem
 
@@ -124,11 +160,15 @@ def summarize(samples: EvalSamples) -> dict[str, float]:
     per-image metadata number, and ``{metric}/{category}`` breakdowns of the means; ``num_images``."""
     columns = {"reward": samples.rewards, **samples.values}
     metrics: dict[str, float] = {"num_images": float(len(samples.rewards))}
+    if samples.num_dropped:
+        metrics["num_dropped"] = float(samples.num_dropped)
     for key, values in columns.items():
-        metrics[f"{key}_mean"], metrics[f"{key}_sem"] = _mean_and_sem(values)
+        joint = "/" if key.startswith("rewards/") else "_"  # rewards/{name}/mean, as in training
+        metrics[f"{key}{joint}mean"], metrics[f"{key}{joint}sem"] = _mean_and_sem(values)
     if samples.categories is not None:
         for category in sorted(set(samples.categories)):
             rows = [i for i, c in enumerate(samples.categories) if c == category]
             for key, values in columns.items():
-                metrics[f"{key}_mean/{category}"] = float(np.mean([values[i] for i in rows]))
+                joint = "/" if key.startswith("rewards/") else "_"
+                metrics[f"{key}{joint}mean/{category}"] = _mean_and_sem([values[i] for i in rows])[0]
     return metrics

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
-__all__ = ["make_model_card", "upload_to_hub"]
+__all__ = ["exit_if_hub_unreachable", "hub_unreachable", "make_model_card", "upload_to_hub"]
 
 _CARD_KEYS = ("num_samples_per_prompt", "advantage_estimator", "num_epochs", "sample_num_steps", "sample_eta",
               "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
@@ -107,3 +109,42 @@ def upload_to_hub(folder: str, repo_id: str, *, private: bool = False, token: st
     create_repo(repo_id, private=private, token=token, exist_ok=True)
     info = upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
+
+
+def hub_unreachable(error: BaseException) -> BaseException | None:
+    """The deepest link of ``error``'s chain that says the Hub could not be reached (no network, offline mode, refused or
+    timed-out connection, or a file missing from the local cache in offline mode), or None."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds: tuple[type, ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),  # huggingface_hub 2.x, 1.x
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):  # and before
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            continue
+        kinds += tuple(getattr(found, name) for name in names)
+    seen, found = set(), None
+    while error is not None and id(error) not in seen:  # the deepest such link: the connection error itself
+        seen.add(id(error))
+        text = str(error).lower()
+        if isinstance(error, kinds) or "couldn't connect to" in text or "offline mode is enabled" in text:
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+@contextlib.contextmanager
+def exit_if_hub_unreachable(what: str, name: str, fix: str) -> Iterator[None]:
+    """For scripts: when loading ``what`` (``name``, a Hub id) fails because the Hub cannot be reached, exit with
+    one line that says what could not be fetched and how to go on (``fix``), instead of a chain of tracebacks.
+    Any other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - only the unreachable-Hub case is turned into a message
+        cause = hub_unreachable(error)
+        if cause is None:
+            raise
+        raise SystemExit(f"error: could not fetch {what} {name!r} from the Hugging Face Hub (offline or unreachable: "
+                         f"{type(cause).__name__}). {fix} Files already in the Hub cache load with HF_HUB_OFFLINE=1; "
+                         "with no network at all, `python examples/train_shapes.py` runs the whole loop offline.") from None

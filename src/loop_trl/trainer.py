@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +31,7 @@ from .hub import make_model_card, upload_to_hub
 from .objective import clipped_surrogate
 from .pipelines.base import DiffusionPolicy, Trajectories
 from .prompts import PromptSource, prompt_rows
-from .rewards.base import MultiReward, component_metrics
+from .rewards.base import MultiReward, as_reward_tensor, component_metrics, is_thread_safe
 from .timesteps import normalized_step_weights, select_timesteps
 
 __all__ = ["LOOPTrainer"]
@@ -46,21 +48,12 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
-def _as_reward_tensor(rewards: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """Check the type and length of what a reward_function returned; a float64 (B,) tensor (may hold NaN/inf)."""
-    if rewards is None or isinstance(rewards, (str, bytes, int, float)):
-        raise TypeError(f"reward_function must return a sequence of numbers as its first output (one per image); "
-                        f"got {type(rewards).__name__}.")
-    try:
-        values = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards, dtype=np.float64))
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"reward_function must return a sequence of numbers as its first output; got "
-                        f"{type(rewards).__name__}: {error}") from error
-    values = values.reshape(-1) if values.ndim == 2 and values.shape[-1] == 1 else values
-    if values.ndim != 1 or len(values) != len(prompts):
-        raise ValueError(f"reward_function returned {tuple(values.shape)} rewards for {len(prompts)} images; "
-                         f"it must return one number per image.")
-    return values
+def _write_json_atomically(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to a temporary file beside ``path`` and rename it into place."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(data, f)
+    os.replace(temporary, path)
 
 
 class LOOPTrainer:
@@ -113,6 +106,9 @@ class LOOPTrainer:
         self.image_samples_hook = image_samples_hook
         self._reward_pool = (ThreadPoolExecutor(config.max_workers, thread_name_prefix="loop-trl-reward")
                              if config.async_reward_computation else None)
+        # worker threads call the reward one at a time unless it says it is thread-safe: a Hugging Face fast
+        # tokenizer, for one, raises "Already borrowed" when two threads use it at once
+        self._reward_lock = contextlib.nullcontext() if is_thread_safe(reward_function) else threading.Lock()
         self.eval_prompts = prompt_rows(eval_prompts) if eval_prompts is not None else []
         if eval_prompts is not None and not self.eval_prompts:
             raise ValueError("eval_prompts is empty; pass at least one prompt or leave it out.")
@@ -203,17 +199,24 @@ class LOOPTrainer:
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
 
+        resume_path, resume_state = self._find_checkpoint(config.resume_from) if config.resume_from else (None, {})
         if accelerator.is_main_process and config.log_with:
             scalars = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            init_kwargs = dict(config.tracker_kwargs)
+            init_kwargs = {name: dict(kwargs) for name, kwargs in config.tracker_kwargs.items()}
             if config.log_with in ("wandb", "all"):
-                init_kwargs.setdefault("wandb", {}).setdefault("name", config.run_name or config.exp_name)
+                wandb_kwargs = init_kwargs.setdefault("wandb", {})
+                wandb_kwargs.setdefault("name", config.run_name or config.exp_name)
+                run_id = resume_state.get("tracker_run_ids", {}).get("wandb")
+                if run_id:  # a resumed run goes on in the same W&B run
+                    wandb_kwargs.setdefault("id", run_id)
+                    wandb_kwargs.setdefault("resume", "allow")
             accelerator.init_trackers(config.tracker_project_name, config=scalars, init_kwargs=init_kwargs)
 
         self.first_epoch, self.global_step = 0, 0
         self.last_metrics: dict[str, float] = {}
-        if config.resume_from:
-            self._resume(config.resume_from)
+        self._eval_pending = False  # the last checkpoint's evaluation was not logged yet
+        if resume_path:
+            self._resume(resume_path, resume_state)
 
     # ------------------------------------------------------------------ the algorithm
     def train(self, epochs: int | None = None) -> None:
@@ -224,14 +227,23 @@ class LOOPTrainer:
         eval_freq = self.config.eval_freq
         if eval_freq and self.config.eval_before_training and self.first_epoch == 0:
             self._evaluate_all()
+        if self._eval_pending:  # killed after the checkpoint, before its evaluation was logged
+            self._evaluate_all()
+            self._mark_evaluated()
         for epoch in bar:
             self.global_step = self.step(epoch, self.global_step)
             bar.set_postfix(reward=f"{self.last_metrics['reward_mean']:.4g}")
             self.first_epoch = epoch + 1
-            if eval_freq and ((epoch + 1) % eval_freq == 0 or epoch + 1 == last_epoch):
+            evaluate = bool(eval_freq) and ((epoch + 1) % eval_freq == 0 or epoch + 1 == last_epoch)
+            save = (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == last_epoch
+            # checkpoint first, marked as owing its evaluation, then evaluate and mark it done: a run killed in
+            # between evaluates once on resume, and one killed after logs that evaluation only once
+            if save:
+                self.save_checkpoint(eval_pending=evaluate)
+            if evaluate:
                 self._evaluate_all()
-            if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == last_epoch:
-                self.save_checkpoint()
+                if save:
+                    self._mark_evaluated()
         self.save_pretrained(self.config.output_dir)  # on every process: sharded weights are gathered
         if self.config.push_to_hub:
             self.push_to_hub(self.config.hub_model_id, private=self.config.hub_private)
@@ -338,7 +350,7 @@ class LOOPTrainer:
                         eta=0.0 if deterministic else config.sample_eta if config.eval_eta is None else config.eval_eta,
                         stochastic_steps=self.train_steps if config.sample_sde_window else None,
                         batch_size=batch_size, negative_prompt=config.negative_prompts,
-                        progress=accelerator.is_local_main_process)
+                        progress=accelerator.is_local_main_process, skip_nonfinite=config.reward_error == "skip_group")
         metadata = [m for _, m in self.eval_prompts]
         samples = sample_and_score(self.policy, self.reward_function, prompts, metadata, batch_indices=mine, **settings)
         short = -(-num_batches // accelerator.num_processes) - len(mine)
@@ -413,10 +425,11 @@ class LOOPTrainer:
         k = self.config.num_samples_per_prompt
         skip = self.config.reward_error == "skip_group"
         try:
-            output = self.reward_function(images, prompts, metadata)
+            with self._reward_lock:
+                output = self.reward_function(images, prompts, metadata)
             if not (isinstance(output, tuple) and len(output) == 2):
                 raise TypeError(f"reward_function must return (rewards, reward_metadata), got {type(output).__name__}.")
-            values = _as_reward_tensor(output[0], prompts)
+            values = as_reward_tensor(output[0], prompts)
         except Exception as error:
             where = f"epoch {epoch}, sampling batch {batch}, prompts {sorted(set(prompts))}"
             if not skip:
@@ -621,11 +634,31 @@ class LOOPTrainer:
         while models:
             models.pop()
 
-    def save_checkpoint(self) -> str:
+    def _trainer_state(self, eval_pending: bool) -> dict:
+        """What a checkpoint holds beside accelerate's state: counters, history, the tracker run."""
+        run_ids = {tracker.name: tracker.run.id for tracker in self.accelerator.trackers
+                   if tracker.name == "wandb" and getattr(tracker, "run", None) is not None}
+        return {"epoch": self.first_epoch, "global_step": self.global_step, "stat_tracker": self.stat_tracker.state_dict(),
+                "log_history": self.log_history, "nonfinite_steps": self.nonfinite_steps,
+                "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps, "tracker_run_ids": run_ids,
+                "eval_pending": eval_pending}
+
+    def _mark_evaluated(self) -> None:
+        """Record in the newest checkpoint that its evaluation is logged (an atomic rewrite of its state file)."""
+        if self.accelerator.is_main_process:
+            path = os.path.join(self.checkpoint_dir, f"checkpoint_{self.first_epoch}", "trainer_state.json")
+            _write_json_atomically(path, self._trainer_state(eval_pending=False))
+        self._eval_pending = False
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self, eval_pending: bool = False) -> str:
         """Write a resumable checkpoint of the epochs completed so far.
 
         It is written to a temporary folder and renamed into place, so a crash never leaves a
         half-written ``checkpoint_N``. The oldest checkpoints beyond ``num_checkpoint_limit`` are removed.
+        Beside accelerate's state (weights, optimizer, schedule, RNG) it holds the trainer's: epoch and
+        step, the per-prompt statistics, ``log_history``, the non-finite step counters and the W&B run
+        id; ``eval_pending`` marks an evaluation due at this epoch and not yet logged.
         """
         accelerator = self.accelerator
         final = os.path.join(self.checkpoint_dir, f"checkpoint_{self.first_epoch}")
@@ -639,10 +672,8 @@ class LOOPTrainer:
         # the main process renames it (seen: a busy rank 1 found checkpoint_1.partial already gone)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"epoch": self.first_epoch, "global_step": self.global_step,
-                     "stat_tracker": self.stat_tracker.state_dict()}
             with open(os.path.join(partial, "trainer_state.json"), "w") as f:
-                json.dump(state, f)
+                json.dump(self._trainer_state(eval_pending), f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in self._checkpoints()[:-self.config.num_checkpoint_limit]:
@@ -657,21 +688,29 @@ class LOOPTrainer:
         found = [(int(m.group(1)), name) for name in os.listdir(self.checkpoint_dir) if (m := _CHECKPOINT.match(name))]
         return [os.path.join(self.checkpoint_dir, name) for _, name in sorted(found)]
 
-    def _resume(self, resume_from: str) -> None:
+    def _find_checkpoint(self, resume_from: str) -> tuple[str | None, dict]:
+        """The checkpoint folder ``resume_from`` names ('latest': the newest) and its trainer state."""
         if resume_from == "latest":
             checkpoints = self._checkpoints()
             if not checkpoints:
                 logger.warning(f"resume_from='latest': no checkpoint under {self.checkpoint_dir}; starting from epoch 0.",
                                main_process_only=True)
-                return
+                return None, {}
             resume_from = checkpoints[-1]
         if not os.path.isfile(os.path.join(resume_from, "trainer_state.json")):
             raise ValueError(f"{resume_from!r} is not a LOOP checkpoint (no trainer_state.json).")
-        self.accelerator.load_state(resume_from)
         with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            state = json.load(f)
+            return resume_from, json.load(f)
+
+    def _resume(self, resume_from: str, state: dict) -> None:
+        self.accelerator.load_state(resume_from)
         self.first_epoch, self.global_step = state["epoch"], state["global_step"]
         self.stat_tracker.load_state_dict(state["stat_tracker"])
+        # older checkpoints hold no history or counters
+        self.log_history = list(state.get("log_history", []))
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.consecutive_nonfinite_steps = state.get("consecutive_nonfinite_steps", 0)
+        self._eval_pending = bool(state.get("eval_pending", False))
         logger.info(f"Resumed from {resume_from} at epoch {self.first_epoch}, step {self.global_step}.")
 
     def save_pretrained(self, save_directory: str, repo_id: str | None = None) -> None:

@@ -286,7 +286,8 @@ class DiffusersPolicy(DiffusionPolicy):
     def _read_lora(self, directory: str) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
         """The trained module's LoRA weights as diffusers reads them (keys with the module's prefix), their
         kohya-style ``network_alphas`` if any, and the LoRA config saved in the file's metadata (or None)."""
-        loaded = self.pipeline_class.lora_state_dict(directory, return_lora_metadata=True)
+        # safetensors only, under the name diffusers and save_adapter write: a pickle is never opened
+        loaded = self.pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
         state_dict, metadata = loaded[0], loaded[-1]  # (state_dict, [network_alphas,] metadata)
         network_alphas = loaded[1] if len(loaded) == 3 else None
         prefix = f"{self.module_name}."

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MultiReward", "clip_preprocess", "component_metrics", "letterbox_preprocess", "load_state_dict_file",
-           "quantize_8bit", "reward_name", "score_in_batches", "to_image_tensor"]
+__all__ = ["MultiReward", "as_reward_tensor", "clip_preprocess", "component_metrics", "is_thread_safe",
+           "letterbox_preprocess", "load_state_dict_file", "quantize_8bit", "reward_name", "score_in_batches",
+           "to_image_tensor"]
 
 RewardFunction = Callable[[Any, Sequence[str], Sequence[Any]], tuple[Any, Any]]
 
@@ -127,6 +128,28 @@ def load_state_dict_file(checkpoint: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state)
 
 
+def as_reward_tensor(rewards: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Check the type and length of what a reward_function returned; a float64 (B,) tensor (may hold NaN/inf)."""
+    if rewards is None or isinstance(rewards, (str, bytes, int, float)):
+        raise TypeError(f"reward_function must return a sequence of numbers as its first output (one per image); "
+                        f"got {type(rewards).__name__}.")
+    try:
+        values = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards, dtype=np.float64))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"reward_function must return a sequence of numbers as its first output; got "
+                        f"{type(rewards).__name__}: {error}") from error
+    values = values.reshape(-1) if values.ndim == 2 and values.shape[-1] == 1 else values
+    if values.ndim != 1 or len(values) != len(prompts):
+        raise ValueError(f"reward_function returned {tuple(values.shape)} rewards for {len(prompts)} images; "
+                         f"it must return one number per image.")
+    return values
+
+
+def is_thread_safe(reward: Callable) -> bool:
+    """Whether several threads may call ``reward`` at once: only when it says so (``thread_safe = True``)."""
+    return bool(getattr(reward, "thread_safe", False))
+
+
 def reward_name(reward: Callable) -> str:
     """A reward's display name: its ``__name__``, or its class name."""
     return getattr(reward, "__name__", type(reward).__name__)
@@ -168,6 +191,7 @@ class MultiReward:
         if not all(math.isfinite(w) for w in weights):
             raise ValueError(f"reward_weights must be finite numbers, got {weights}.")
         self.rewards, self.weights = named, torch.tensor(weights, dtype=torch.float64)
+        self.thread_safe = all(is_thread_safe(reward) for reward in named.values())
         self.__name__ = " + ".join(f"{w:g} x {n}" for n, w in zip(named, weights))
 
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
