@@ -76,7 +76,7 @@ def test_oversized_and_malformed_requests_get_4xx(served):
     assert requests.post(url, data="x" * 20_000).status_code == 413  # over 0.01 MiB
     assert requests.post(url, data="{not json").status_code == 400
     answer = requests.post(url, data=json.dumps({"prompts": ["a"], "images": ["bm90IGFuIGltYWdl"]}))
-    assert answer.status_code == 400 and "not base64 PNG" in answer.json()["error"]
+    assert answer.status_code == 415 and "is not PNG data; this server takes PNG images only" in answer.json()["error"]
     assert requests.post(url, data=json.dumps({"prompts": "a", "images": []})).status_code == 400
     assert requests.post(url, data=json.dumps({"prompts": ["a", "b"], "images": small["images"]})).status_code == 400
     with pytest.raises(ValueError, match="refusing to serve|Refusing to serve on '0.0.0.0' without a token"):
@@ -128,3 +128,71 @@ def test_cli_refuses_a_public_address_without_a_token():
     result = subprocess.run([sys.executable, "-m", "loop_trl.rewards.serve", "--reward", "jpeg_compressibility",
                              "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "without a token" in result.stderr
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny file that is a valid PNG header declaring width x height 1-bit pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _encoded(pil_image, fmt: str) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_the_server_checks_headers_before_decoding_and_answers_every_bad_input_with_4xx(served):
+    import base64
+
+    from PIL import Image
+
+    calls = []
+
+    def reward(images, prompts, metadata):
+        calls.append(tuple(images.shape))
+        return images.mean(dim=(1, 2, 3)), {}
+
+    server = served(reward)
+
+    def post(images, prompts=None):
+        body = {"prompts": prompts or ["a cat"] * len(images), "images": images}
+        return requests.post(f"{server.url}/score", data=json.dumps(body), timeout=30)
+
+    # a real 9000 x 9000 1-bit PNG of about 10 kB: 81 megapixels, about 1 GB once decoded to floats
+    bomb = _encoded(Image.new("1", (9000, 9000)), "PNG")
+    assert len(bomb) < 40_000
+    answer = post([bomb])
+    assert answer.status_code == 413 and "9000 x 9000 = 81.0 megapixels" in answer.json()["error"]
+    assert "--max_image_megapixels" in answer.json()["error"]
+    huge = base64.b64encode(_png_declaring(20000, 20000)).decode("ascii")  # past PIL's own bomb limit
+    answer = post([huge])
+    assert answer.status_code == 413 and "400.0 megapixels" in answer.json()["error"]
+    small = encode_image(images(1)[0])
+    for fmt in ("BMP", "TIFF", "JPEG"):
+        answer = post([_encoded(Image.new("RGB", (32, 32)), fmt)])
+        assert answer.status_code == 415 and f"is {fmt} data" in answer.json()["error"] and "PNG images only" in answer.json()["error"]
+    other_size = _encoded(Image.new("RGB", (32, 48)), "PNG")
+    answer = post([small, other_size])
+    assert answer.status_code == 400 and "different sizes (32x32, 32x48)" in answer.json()["error"]
+    truncated = base64.b64encode(base64.b64decode(small)[:60]).decode("ascii")
+    assert post([truncated]).status_code == 400
+    assert post(["not base64 !"]).status_code == 400
+    assert calls == []  # nothing above reached the reward
+    # the request total: 3 images of 0.6 megapixels under a 1-megapixel request cap
+    capped = served(reward, max_request_megapixels=1.0)
+    body = {"prompts": ["a"] * 3, "images": [_encoded(Image.new("RGB", (800, 800)), "PNG")] * 3}
+    answer = requests.post(f"{capped.url}/score", data=json.dumps(body), timeout=30)
+    assert answer.status_code == 413 and "1.9 megapixels" in answer.json()["error"]
+    # and the server is still up and scoring
+    answer = post([small, small])
+    assert answer.status_code == 200 and len(answer.json()["rewards"]) == 2 and calls == [(2, 3, 32, 32)]

@@ -11,9 +11,10 @@ The trainer side is :class:`loop_trl.rewards.RemoteReward`. The server is a Werk
 
 Security: it binds to 127.0.0.1 unless told otherwise, and refuses any other address without a
 token; with ``--token-file`` every request needs ``Authorization: Bearer <token>`` (401 otherwise).
-Requests over ``--max_request_mb`` get 413, batches over ``--max_batch`` images get 413, malformed
-payloads 400 with a message. It decodes PNG images and JSON only: nothing a client sends is
-unpickled or executed. Reward calls are serialised (one at a time), so any reward is safe to serve
+Requests over ``--max_request_mb`` get 413, batches over ``--max_batch`` images get 413, images over
+``--max_image_megapixels`` (or requests over ``--max_request_megapixels``) get 413, read from the PNG
+headers before any pixel is decoded; other formats get 415, malformed payloads 400 with a message.
+It decodes PNG images and JSON only: nothing a client sends is unpickled or executed. Reward calls are serialised (one at a time), so any reward is safe to serve
 to several clients.
 """
 
@@ -37,7 +38,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .base import reward_name
 
-__all__ = ["BUILTIN_REWARDS", "decode_image", "encode_image", "load_reward", "make_app", "make_server", "main"]
+__all__ = ["BUILTIN_REWARDS", "BadImage", "decode_image", "decode_images", "encode_image", "load_reward", "make_app",
+           "make_server", "main", "png_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,82 @@ def encode_image(image: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: str) -> torch.Tensor:
-    """The inverse of :func:`encode_image`: (3, H, W) fp32 in [0, 1]. ValueError for anything but an RGB image."""
+class BadImage(ValueError):
+    """An image a client sent that the server will not decode; ``status`` is the HTTP answer (400, 413, 415)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's header (its IHDR chunk), read without decoding a pixel.
+
+    BadImage 415 for data that is not PNG (BMP, TIFF, JPEG, ...), 400 for a PNG whose header is broken."""
+    if raw[:8] != _PNG_SIGNATURE:
+        kind = next((name for magic, name in ((b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+                                               (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"RIFF", "WebP"))
+                     if raw.startswith(magic)), "not PNG")
+        raise BadImage(f"an image is {kind} data; this server takes PNG images only", 415)
+    if len(raw) < 24 or raw[12:16] != b"IHDR":
+        raise BadImage("a PNG image has no IHDR header chunk")
+    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if width < 1 or height < 1:
+        raise BadImage(f"a PNG image declares {width} x {height} pixels")
+    return width, height
+
+
+def decode_images(data: list, *, max_image_megapixels: float = 16, max_request_megapixels: float = 128) -> torch.Tensor:
+    """Base64 PNG images to a (B, 3, H, W) fp32 batch in [0, 1], after checking every header first: PNG only,
+    at most ``max_image_megapixels`` per image and ``max_request_megapixels`` in all (BadImage 413 naming the
+    limit), one size for the batch. Nothing is decoded unless the whole request passes."""
+    raws, sizes = [], []
+    for i, item in enumerate(data):
+        if not isinstance(item, str):
+            raise BadImage(f"image {i} is not a base64 string")
+        try:
+            raw = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise BadImage(f"image {i} is not base64 data ({error})") from error
+        try:
+            width, height = png_size(raw)
+        except BadImage as error:
+            raise BadImage(f"image {i}: {error}", error.status) from None
+        if width * height > max_image_megapixels * 1e6:
+            raise BadImage(f"image {i} is {width} x {height} = {width * height / 1e6:.1f} megapixels; this server takes "
+                           f"at most {max_image_megapixels:g} per image (--max_image_megapixels)", 413)
+        raws.append(raw)
+        sizes.append((width, height))
+    total = sum(w * h for w, h in sizes)
+    if total > max_request_megapixels * 1e6:
+        raise BadImage(f"the request holds {total / 1e6:.1f} megapixels; this server takes at most "
+                       f"{max_request_megapixels:g} per request (--max_request_megapixels)", 413)
+    if len(set(sizes)) > 1:
+        raise BadImage(f"the images have different sizes ({', '.join(f'{w}x{h}' for w, h in sorted(set(sizes)))}); "
+                       "send one size per request")
+    if not raws:
+        return torch.zeros(0, 3, 1, 1)
+    return torch.stack([decode_image(raw) for raw in raws])
+
+
+def decode_image(data: str | bytes) -> torch.Tensor:
+    """The inverse of :func:`encode_image` (base64 text, or the PNG bytes): (3, H, W) fp32 in [0, 1]. BadImage for
+    anything but a PNG image that decodes to the size its header declares."""
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
+    except (binascii.Error, ValueError) as error:
+        raise BadImage(f"an image is not base64 data ({error})") from error
+    width, height = png_size(raw)
+    try:
+        image = Image.open(io.BytesIO(raw), formats=["PNG"])
         image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, TypeError) as error:
-        raise ValueError(f"an image is not base64 PNG data ({error})") from error
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
+        raise BadImage(f"an image is not valid PNG data ({type(error).__name__}: {error})") from error
+    if image.size != (width, height):
+        raise BadImage(f"a PNG image decodes to {image.size} but its header says {(width, height)}")
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
@@ -104,8 +175,10 @@ def _json_ready(value: Any) -> Any:
     return str(value)
 
 
-def make_app(reward: Callable, *, token: str | None = None, max_batch: int = 256, max_request_mb: float = 64):
-    """The WSGI app serving ``reward``."""
+def make_app(reward: Callable, *, token: str | None = None, max_batch: int = 256, max_request_mb: float = 64,
+             max_image_megapixels: float = 16, max_request_megapixels: float = 128):
+    """The WSGI app serving ``reward``. Every bad input is a 4xx answer naming it (400 malformed, 401 token,
+    413 over a limit, 415 not PNG); 500 only when the reward itself raises."""
     from werkzeug.exceptions import HTTPException
     from werkzeug.wrappers import Request, Response
 
@@ -130,9 +203,10 @@ def make_app(reward: Callable, *, token: str | None = None, max_batch: int = 256
         if len(images) > max_batch:
             return reply(413, {"error": f"{len(images)} images in one request; this server takes at most {max_batch}"})
         try:
-            batch = torch.stack([decode_image(data) for data in images]) if images else torch.zeros(0, 3, 1, 1)
-        except (ValueError, TypeError, RuntimeError) as error:  # RuntimeError: images of different sizes
-            return reply(400, {"error": f"bad images: {error}"})
+            batch = decode_images(images, max_image_megapixels=max_image_megapixels,
+                                  max_request_megapixels=max_request_megapixels)
+        except BadImage as error:
+            return reply(error.status, {"error": f"bad images: {error}"})
         with lock:
             rewards, reward_metadata = reward(batch, prompts, metadata)
         values = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards,
@@ -162,7 +236,8 @@ def make_app(reward: Callable, *, token: str | None = None, max_batch: int = 256
 
 
 def make_server(reward: Callable, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
-                max_batch: int = 256, max_request_mb: float = 64):
+                max_batch: int = 256, max_request_mb: float = 64, max_image_megapixels: float = 16,
+                max_request_megapixels: float = 128):
     """A threaded Werkzeug server for ``reward`` (``.serve_forever()``, ``.shutdown()``, ``.server_port``).
 
     Refuses to bind to anything but the loopback address without a token.
@@ -172,7 +247,8 @@ def make_server(reward: Callable, host: str = "127.0.0.1", port: int = 8000, *, 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise ValueError(f"Refusing to serve on {host!r} without a token: anyone who reaches it could use it. "
                          "Pass --token-file (clients send it as a bearer token), or bind to 127.0.0.1.")
-    app = make_app(reward, token=token, max_batch=max_batch, max_request_mb=max_request_mb)
+    app = make_app(reward, token=token, max_batch=max_batch, max_request_mb=max_request_mb,
+                   max_image_megapixels=max_image_megapixels, max_request_megapixels=max_request_megapixels)
     return werkzeug_server(host, port, app, threaded=True)
 
 
@@ -186,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="file whose first line is the bearer token clients must send")
     parser.add_argument("--max_batch", type=int, default=256, help="most images in one request (413 above)")
     parser.add_argument("--max_request_mb", type=float, default=64, help="largest request body in MiB (413 above)")
+    parser.add_argument("--max_image_megapixels", type=float, default=16,
+                        help="largest image in megapixels, read from its PNG header before decoding (413 above; "
+                             "a 1-bit PNG of a few kB can declare gigabytes of pixels)")
+    parser.add_argument("--max_request_megapixels", type=float, default=128,
+                        help="most pixels in one request, all images together, in megapixels (413 above)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     token = None
@@ -196,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--token-file {args.token_file} is empty.")
     try:
         server = make_server(load_reward(args.reward), args.host, args.port, token=token, max_batch=args.max_batch,
-                             max_request_mb=args.max_request_mb)
+                             max_request_mb=args.max_request_mb, max_image_megapixels=args.max_image_megapixels,
+                             max_request_megapixels=args.max_request_megapixels)
     except ValueError as error:
         parser.error(str(error))
     logger.info(f"Serving {args.reward} on http://{args.host}:{server.server_port} (POST /score, GET /health)"
