@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--families", nargs="+", default=["binding"], help="prompt families trained and evaluated")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
                         help="training minibatches per optimizer step (64 images, batch 16, 1: four steps per pass)")
-    parser.add_argument("--timestep_stop", type=int, default=-2, help="LOOPConfig.train_timestep_stop")
+    parser.add_argument("--timestep_stop", type=lambda v: None if v.lower() == "none" else int(v), default=-2,
+                        help="LOOPConfig.train_timestep_stop ('none': up to the last step, DDPO's)")
     parser.add_argument("--timestep_fraction", type=float, default=0.5, help="fraction of each trajectory's eligible steps trained")
     parser.add_argument("--timesteps_per_forward", type=int, default=1,
                         help="LOOPConfig.train_timesteps_per_forward (a speed setting; the gradient is the same)")
@@ -108,10 +109,9 @@ def prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[st
             chosen(heldout_prompts(per_family=per_family[1], seed=0)))
 
 
-def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict:
-    """Train one method from the shipped base model; return its per-epoch records and evaluations."""
-    from loop_trl import LOOPConfig, LOOPTrainer
-    from loop_trl.testbeds.shapes import ShapesReward, evaluate, load_policy
+def make_config(args: argparse.Namespace, method: str, seed: int, lr: float):
+    """The LOOPConfig of one run."""
+    from loop_trl import LOOPConfig
 
     settings = dict(train_clip_range=args.clip_range, train_num_inner_epochs=args.inner_epochs,
                     per_prompt_stat_tracking_min_count=args.ppo_min_count)
@@ -125,6 +125,15 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
         train_timesteps_per_forward=args.timesteps_per_forward, train_learning_rate=lr, train_lr_scheduler=args.lr_scheduler,
         save_freq=10**9, eval_freq=args.eval_every, eval_seed=1, eval_num_images_per_prompt=args.eval_images_per_prompt,
         gradient_checkpointing=args.gradient_checkpointing, offload_trajectories=args.offload_trajectories, **settings)
+    return config
+
+
+def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict:
+    """Train one method from the shipped base model; return its per-epoch records and evaluations."""
+    from loop_trl import LOOPTrainer
+    from loop_trl.testbeds.shapes import ShapesReward, evaluate, load_policy
+
+    config = make_config(args, method, seed, lr)
     training, evaluated, held_out = prompt_sets(args)
     trainer = LOOPTrainer(config, ShapesReward(strict_bonus=args.strict_bonus), training,
                           load_policy(lora_rank=args.lora_rank, lora_seed=seed), eval_prompts=evaluated)

@@ -44,15 +44,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="PPO clip range")
     parser.add_argument("--unet_repeats", type=int, default=20, help="timed calls of each kind in time_unet.py")
+    parser.add_argument("--inner_epochs", type=int, default=1, help="PPO passes per epoch (DDPOConfig's default 1)")
     parser.add_argument("--eval_prompts_per_family", type=int, default=8, help="held-out prompts per family")
     parser.add_argument("--eval_images_per_prompt", type=int, default=4, help="images per held-out prompt")
     return parser.parse_args(argv)
 
 
 def shared_flags(args: argparse.Namespace) -> list[str]:
+    """What both sides are told alike: the workload, the learning rate, the clip range, the PPO passes."""
     return ["--epochs", str(args.epochs), "--images_per_epoch", str(args.images_per_epoch),
             "--sample_batch_size", str(args.sample_batch_size), "--train_batch_size", str(args.train_batch_size),
-            "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--mixed_precision", args.mixed_precision]
+            "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--mixed_precision", args.mixed_precision,
+            "--lr", repr(args.lr), "--clip_range", str(args.clip_range), "--inner_epochs", str(args.inner_epochs)]
+
+
+#: compare_algorithms.py's flags that make loop-trl do DDPOTrainer's work, each with the DDPOConfig value it
+#: matches (run_ddpo.py leaves these at TRL's defaults); test_compare_trl_flags checks each against the code
+DDPO_EQUIVALENT = {
+    "--families": ["single", "binding", "counting", "spatial"],  # run_ddpo.py trains on train_prompts(): all four
+    "--lora_rank": ["4"],  # TRL's DefaultDDPOStableDiffusionPipeline: LoraConfig(r=4, lora_alpha=4)
+    "--timestep_stop": ["none"],  # every step may be trained
+    "--timestep_fraction": ["1.0"],  # train_timestep_fraction=1.0: all of them are
+    "--timesteps_per_forward": ["1"],  # one step per forward pass, as TRL
+    "--gradient_accumulation_steps": ["1"],  # train_gradient_accumulation_steps=1
+    "--lr_scheduler": ["constant"],  # TRL has no schedule
+    "--ppo_min_count": ["16"],  # per_prompt_stat_tracking_min_count=16 (buffer 16 in both)
+    "--strict_bonus": ["0"],  # the plain verifier score, run_ddpo.py's ShapesReward()
+}
 
 
 def run_variant(args: argparse.Namespace, variant: str, seed: int) -> dict:
@@ -64,19 +82,14 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int) -> dict:
     if variant == "trl_ddpo":
         env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
         subprocess.run([args.anchor_python, os.path.join(HERE, "trl_anchor", "run_ddpo.py"), "--output_dir", work,
-                        "--seed", str(seed), "--lr", str(args.lr), "--clip_range", str(args.clip_range), *shared_flags(args)],
-                       check=True, env=env)
+                        "--seed", str(seed), *shared_flags(args)], check=True, env=env)
         with open(os.path.join(work, "result.json")) as f:
             result = json.load(f)
-        result["evals"] = [evaluate_adapter(args, os.path.join(work, "adapter"), result["epochs"][-1]["images"])]
+        # held-out accuracy at the end, as compare_algorithms.py gives the loop-trl runs under "heldout"
+        result["heldout"] = evaluate_adapter(args, os.path.join(work, "adapter"), result["epochs"][-1]["images"])
     else:
         memory = ["--gradient_checkpointing", "--offload_trajectories"] if variant.endswith("_memory") else []
-        subprocess.run([sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir", work, "--lora_rank", "4",
-                        "--clip_range", str(args.clip_range), "--eval_every", str(args.epochs),
-                        "--gradient_accumulation_steps", "1", "--timestep_fraction", "1.0",  # DDPOConfig's defaults
-                        "--eval_prompts_per_family", str(args.eval_prompts_per_family),
-                        "--eval_images_per_prompt", str(args.eval_images_per_prompt), *shared_flags(args), *memory,
-                        "--run_one", f"ppo:{seed}:{args.lr!r}"], check=True)
+        subprocess.run(loop_trl_command(args, work, seed) + memory, check=True)
         with open(os.path.join(work, "runs", f"ppo_seed{seed}_lr{args.lr:g}.json")) as f:
             result = json.load(f)
         result["method"] = variant
@@ -84,6 +97,21 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int) -> dict:
     with open(path, "w") as f:
         json.dump(result, f)
     return result
+
+
+def loop_trl_command(args: argparse.Namespace, work: str, seed: int) -> list[str]:
+    """compare_algorithms.py running PPO as DDPOTrainer does: the shared flags, DDPO_EQUIVALENT, and the same
+    held-out evaluation as evaluate_adapter gives TRL's adapter (4 families x eval_prompts_per_family)."""
+    shared = shared_flags(args)
+    lr = shared.pop(shared.index("--lr") + 1)
+    shared.remove("--lr")  # compare_algorithms takes a list of rates; the run is named by the one given here
+    ddpo = [item for flag, values in DDPO_EQUIVALENT.items() for item in (flag, *values)]
+    families = len(DDPO_EQUIVALENT["--families"])
+    return [sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir", work, *shared, *ddpo,
+            "--eval_every", str(args.epochs), "--eval_prompts", str(families * args.eval_prompts_per_family),
+            "--heldout_prompts", str(families * args.eval_prompts_per_family),
+            "--eval_images_per_prompt", str(args.eval_images_per_prompt), "--learning_rates", lr,
+            "--run_one", f"ppo:{seed}:{lr}"]
 
 
 def time_bare_unet(args: argparse.Namespace, side: str, seed: int) -> dict:
@@ -145,7 +173,7 @@ def main(argv=None) -> None:
             f"| {variant} | {t:.2f} | {t / anchor_time:.2f} | {parts[0]:.2f} | {parts[1]:.2f} | {m:.0f} | {m / anchor_memory:.2f} | "
             f"{np.mean([r['epochs'][0]['reward_mean'] for r in results]):.3f} | "
             f"{np.mean([np.mean([e['reward_mean'] for e in r['epochs'][-3:]]) for r in results]):.3f} | "
-            f"{np.mean([r['evals'][-1]['overall'] for r in results]):.3f} |")
+            f"{np.mean([r['heldout']['overall'] for r in results]):.3f} |")
     bare = {side: {k: float(np.median([r[k] for r in results])) for k in ("sample_call_s", "train_call_s")}
             for side, results in unet.items()}
     lines += ["", "The same UNet calls alone in each environment (trl_anchor/time_unet.py, rank-4 LoRA, guided batch; "

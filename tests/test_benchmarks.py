@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -81,19 +82,64 @@ def test_time_unet_runs_in_this_environment(tmp_path):
     assert result["diffusers"] == diffusers.__version__
 
 
+# DDPOConfig fields that decide the work of a run, compared by name with the LOOPConfig of loop-trl's side
+DDPO_FIELDS = ("num_epochs", "sample_num_steps", "sample_eta", "sample_guidance_scale", "sample_batch_size",
+               "sample_num_batches_per_epoch", "train_batch_size", "train_learning_rate", "train_adam_beta1",
+               "train_adam_beta2", "train_adam_weight_decay", "train_adam_epsilon", "train_gradient_accumulation_steps",
+               "train_max_grad_norm", "train_num_inner_epochs", "train_cfg", "train_adv_clip_max", "train_clip_range",
+               "train_timestep_fraction", "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count",
+               "mixed_precision", "train_use_8bit_adam")
+
+
+def anchor_available() -> bool:
+    if os.path.exists(ANCHOR_PYTHON):
+        return True
+    if os.environ.get("LOOP_TRL_REQUIRE_ANCHOR"):
+        pytest.fail(f"No anchor environment at {ANCHOR_PYTHON}: bash benchmarks/trl_anchor/setup_env.sh")
+    pytest.skip("the TRL 0.23.1 anchor environment is not installed (bash benchmarks/trl_anchor/setup_env.sh)")
+
+
+def test_compare_trl_gives_both_sides_ddpos_work_flag_by_flag(tmp_path):
+    """The loop-trl side's LOOPConfig, built from the command compare_trl.py runs, against the DDPOConfig that
+    TRL 0.23.1 itself builds from run_ddpo.py's command (in the anchor environment): every field that decides the
+    work is equal, and the loop-trl side runs PPO as DDPO (K = 1, per-prompt tracker, every step eligible)."""
+    anchor_available()
+    import compare_algorithms
+    import compare_trl
+
+    args = compare_trl.parse_args(["--output_dir", str(tmp_path), "--seeds", "0", "--epochs", "3", "--lr", "3e-4",
+                                   "--guidance", "5", "--inner_epochs", "2", "--images_per_epoch", "32"])
+    command = compare_trl.loop_trl_command(args, str(tmp_path / "work"), seed=0)
+    assert command[1].endswith("compare_algorithms.py")
+    ours_args = compare_algorithms.parse_args(command[2:])
+    ours = compare_algorithms.make_config(ours_args, "ppo", 0, float(ours_args.run_one.split(":")[2])).to_dict()
+    script = ("import json, sys, dataclasses; sys.path.insert(0, 'benchmarks/trl_anchor'); import run_ddpo; "
+              "config = run_ddpo.make_config(run_ddpo.parse_args(sys.argv[1:])); "
+              "print(json.dumps({k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}))")
+    anchor = subprocess.run([ANCHOR_PYTHON, "-c", script, "--output_dir", str(tmp_path / "trl"), "--seed", "0",
+                             *compare_trl.shared_flags(args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert anchor.returncode == 0, anchor.stderr[-3000:]
+    theirs = json.loads(anchor.stdout.strip().splitlines()[-1])
+    different = {name: (ours[name], theirs[name]) for name in DDPO_FIELDS if ours[name] != theirs[name]}
+    assert not different, f"loop-trl's side differs from DDPOConfig in {different}"
+    assert (ours["num_samples_per_prompt"], ours["advantage_estimator"]) == (1, "per_prompt_tracker")
+    assert theirs["per_prompt_stat_tracking"] is True
+    assert ours["train_timestep_start"] == 0 and ours["train_timestep_stop"] is None
+    assert ours_args.families == ["single", "binding", "counting", "spatial"] and ours_args.lora_rank == 4
+
+
 @pytest.mark.slow
 def test_compare_trl_tiny(tmp_path):
-    if not os.path.exists(ANCHOR_PYTHON):
-        if os.environ.get("LOOP_TRL_REQUIRE_ANCHOR"):
-            pytest.fail(f"No anchor environment at {ANCHOR_PYTHON}: bash benchmarks/trl_anchor/setup_env.sh")
-        pytest.skip("the TRL 0.23.1 anchor environment is not installed (bash benchmarks/trl_anchor/setup_env.sh)")
+    anchor_available()
     out = run(os.path.join(BENCH, "compare_trl.py"), "--output_dir", "trl", "--seeds", "0", "--unet_repeats", "1",
               *TINY, cwd=tmp_path)
     assert "| trl_ddpo |" in out.stdout and "| loop_trl_ddpo_memory |" in out.stdout and "| loop_trl / trl |" in out.stdout
     anchor = json.loads((tmp_path / "trl" / "runs" / "trl_ddpo_seed0.json").read_text())
     assert anchor["versions"]["trl"] == "0.23.1"
     assert all(e["time_sampling_s"] > 0 and e["time_training_s"] > 0 for e in anchor["epochs"])  # TRL's epoch, in parts
-    assert 0.0 <= anchor["evals"][0]["overall"] <= 1.0  # TRL's adapter loaded into loop-trl and evaluated
+    assert 0.0 <= anchor["heldout"]["overall"] <= 1.0  # TRL's adapter loaded into loop-trl and evaluated
+    ours = json.loads((tmp_path / "trl" / "runs" / "loop_trl_ddpo_seed0.json").read_text())
+    assert set(ours["heldout"]) == set(anchor["heldout"]) - {"images"}  # the same held-out prompts, evaluated alike
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import TIMING_PROMPTS, brightness_reward  # noqa: E402
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--pretrained_model", default=None, help="base-model folder (default: the shapes testbed's)")
@@ -49,11 +49,12 @@ def main() -> None:
     parser.add_argument("--clip_range", type=float, default=1e-4)
     parser.add_argument("--inner_epochs", type=int, default=1)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.makedirs(args.output_dir, exist_ok=True)
+    return parser.parse_args(argv)
 
-    config = DDPOConfig(
+
+def make_config(args: argparse.Namespace) -> DDPOConfig:
+    """TRL's config for the run: the workload from the flags, everything else TRL's defaults."""
+    return DDPOConfig(
         num_epochs=args.epochs, seed=args.seed, mixed_precision=args.mixed_precision, sample_num_steps=args.num_steps,
         sample_guidance_scale=args.guidance, sample_batch_size=args.sample_batch_size,
         sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch_size,
@@ -61,6 +62,13 @@ def main() -> None:
         train_num_inner_epochs=args.inner_epochs, train_timestep_fraction=args.timestep_fraction,
         per_prompt_stat_tracking=True, save_freq=10**9,
         project_kwargs={"project_dir": os.path.join(args.output_dir, "work")})
+
+
+def main() -> None:
+    args = parse_args()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.makedirs(args.output_dir, exist_ok=True)
+    config = make_config(args)
     if args.reward == "shapes":  # the testbed's verifier and prompts (imports loop-trl's testbed from src/)
         from loop_trl.testbeds.shapes import ShapesReward, train_prompts
         from loop_trl.testbeds.shapes.model import MODEL_DIR
