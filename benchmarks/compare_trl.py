@@ -154,8 +154,11 @@ def main(argv=None) -> None:
             unet[side].append(time_bare_unet(args, side, seed))
 
     def median_epoch(results: list[dict], key: str = "wall_epoch_s") -> float:
-        """Median over runs and epochs; the first epoch warms up and is left out when there are more."""
-        return float(np.median([e.get(key, np.nan) for r in results for e in (r["epochs"][1:] or r["epochs"])]))
+        """Median over runs and epochs; the first epoch warms up and is left out when there are more. An epoch's
+        wall time is run_ddpo.py's clock around TRL's step() and loop-trl's own time_epoch_s around its step()."""
+        def value(epoch: dict) -> float:
+            return epoch.get(key, epoch.get("time_epoch_s", np.nan) if key == "wall_epoch_s" else np.nan)
+        return float(np.median([value(e) for r in results for e in (r["epochs"][1:] or r["epochs"])]))
 
     anchor_time = median_epoch(runs["trl_ddpo"])
     anchor_memory = float(np.median([r["peak_memory_mb"] for r in runs["trl_ddpo"]]))

@@ -4,7 +4,8 @@
         --adapter you/sd15-loop-aesthetic --prompts "a cat" "a dog" --output_dir samples
 
 Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1): diffusers picks the pipeline class
-from the base model's model_index.json.
+from the base model's model_index.json. By default it samples with the scheduler the adapter was
+trained with (DDIM for SD and SDXL, deterministic: --eta 0), as the model card does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from trl import TrlParser
 
-from loop_trl import policy_class_for
+from loop_trl import LOOPStableDiffusionPipeline, policy_class_for
+from loop_trl.pipelines.stable_diffusion import ddim_overrides
 from loop_trl.hub import exit_if_hub_unreachable
 
 
@@ -38,6 +40,8 @@ class GenerateArguments:
     output_dir: str = field(default="samples", metadata={"help": "Where the PNGs and grid.png go."})
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     dtype: str = field(default="auto", metadata={"help": "'fp16', 'bf16', 'fp32' or 'auto' (fp16 on GPU, fp32 on CPU)."})
+    scheduler: str = field(default="trained", metadata={"help": "'trained': the sampler loop-trl trains the family with (DDIM for SD 1.x/2.x and SDXL, whose checkpoints ship PNDM or Euler; the pipeline's own flow-matching scheduler for SD3 and FLUX); 'default': the checkpoint's own scheduler."})
+    eta: float = field(default=0.0, metadata={"help": "With the DDIM sampler: its eta (0 deterministic, as users deploy; the run's sample_eta is the training sampler)."})
 
 
 def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> DiffusionPipeline:
@@ -52,6 +56,10 @@ def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> D
     pipe = DiffusionPipeline.from_pretrained(args.base, dtype=dtype, **extra)
     if args.adapter and not full_finetune:
         pipe.load_lora_weights(args.adapter)
+    if args.scheduler not in ("trained", "default"):
+        raise ValueError(f"--scheduler must be 'trained' or 'default', got {args.scheduler!r}.")
+    if args.scheduler == "trained" and issubclass(family, LOOPStableDiffusionPipeline):  # SDXL's policy is one too
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, **ddim_overrides(pipe.scheduler.config))
     pipe.set_progress_bar_config(desc="denoising")
     return pipe.to(device)
 
@@ -68,9 +76,10 @@ def main() -> None:
     rows = []
     for p, prompt in enumerate(args.prompts):
         generator = torch.Generator("cpu").manual_seed(args.seed + p)
+        eta = {"eta": args.eta} if isinstance(pipe.scheduler, diffusers.DDIMScheduler) else {}  # only where it acts
         images = pipe(prompt, num_images_per_prompt=args.num_images, generator=generator, height=args.height,
                       width=args.width, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale).images
+                      guidance_scale=args.guidance_scale, **eta).images
         for i, image in enumerate(images):
             image.save(os.path.join(args.output_dir, f"{p:03d}_{i:02d}.png"))
         rows.append(images)

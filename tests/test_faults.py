@@ -51,11 +51,28 @@ def test_skip_group_drops_only_the_faulty_group(tmp_path, tiny_sd_path):
         return original(trajectories, advantages, *args)
 
     trainer._train_inner_epoch = capture
-    trainer.step(0, 0)
+    import loop_trl.trainer as trainer_module
+
+    surrogate, weights = trainer_module.clipped_surrogate, []
+
+    def recording(log_prob, old_log_prob, advantages, clip_range, sample_weights=None):
+        weights.append((advantages.detach().clone(), sample_weights.detach().clone()))
+        return surrogate(log_prob, old_log_prob, advantages, clip_range, sample_weights)
+
+    trainer_module.clipped_surrogate = recording
+    try:
+        trainer.step(0, 0)
+    finally:
+        trainer_module.clipped_surrogate = surrogate
     assert trainer.last_metrics["skipped_groups"] == 1
     assert trainer.last_metrics["reward_mean"] == pytest.approx(1.5)  # mean of the kept rewards 0..3
     adv = seen["advantages"]
     assert torch.equal(adv[4:], torch.zeros(4)) and torch.isfinite(adv).all() and adv[:4].abs().sum() > 0
+    # the dropped group weighs nothing; the kept half weighs 2: the step is the kept group's alone, undiluted
+    for advantages, sample_weights in weights:
+        assert set(sample_weights[advantages == 0].tolist()) <= {0.0, 2.0}
+        assert set(sample_weights[advantages != 0].tolist()) == {2.0}
+    assert sorted(w for _, ws in weights for w in ws.tolist()).count(0.0) == 4 * 3  # 4 samples x 3 trained steps
 
 
 def test_skip_group_stops_past_the_allowed_fraction(tmp_path, tiny_sd_path):
@@ -232,3 +249,26 @@ def test_evaluation_vets_the_reward_and_reports_each_component(tmp_path, tiny_sd
                          eval_prompts=PROMPTS, eval_num_steps=2, eval_num_images_per_prompt=1, eval_batch_size=4)
     with pytest.raises(ValueError, match="one number per image"):
         wrong.evaluate(log=False)
+
+
+def test_the_fp16_scalers_warm_up_skips_are_not_non_finite_steps(tmp_path, tiny_sd_path):
+    """A GradScaler starts at 2^16 and halves its scale at each overflow; a healthy fp16 run skips a few steps
+    that way. Here the scaled gradients overflow while the scale is above 2^10, as fp16 gradients would: six
+    skips in a row, more than max_consecutive_nonfinite_steps, and the run goes on and trains."""
+    trainer = make_trainer(tmp_path, tiny_sd_path, sample_batch_size=8, train_batch_size=1,
+                           max_consecutive_nonfinite_steps=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # accelerate makes no fp16 scaler on a CPU: as it would
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer.accelerator.scaler = scaler
+    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, scaler=scaler)
+    overflow = lambda grad: grad * float("inf") if scaler.get_scale() > 2.0**10 else grad  # noqa: E731
+    hooks = [p.register_hook(overflow) for p in trainer.trainable_parameters[:1]]
+    before = lora_weights(trainer)
+    trainer.step(0, 0)
+    for hook in hooks:
+        hook.remove()
+    assert trainer.scaler_skipped_steps == 6 and trainer.nonfinite_steps == 0  # 2^16 .. 2^11 skipped, then steps
+    assert scaler.get_scale() == 2.0**10
+    assert any(not torch.equal(before[n], p) for n, p in lora_weights(trainer).items())
+    assert trainer.log_history[-2]["scaler_skipped_steps"] == 6

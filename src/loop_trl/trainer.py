@@ -195,7 +195,7 @@ class LOOPTrainer:
                                           num_training_steps=config.num_epochs * steps_per_epoch,
                                           scheduler_specific_kwargs=extra)
         accelerator.register_for_checkpointing(self.lr_scheduler)
-        self.consecutive_nonfinite_steps = self.nonfinite_steps = 0
+        self.consecutive_nonfinite_steps = self.nonfinite_steps = self.scaler_skipped_steps = 0
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -486,6 +486,10 @@ class LOOPTrainer:
             prompts=[p for p, keep in zip(all_prompts, all_valid.tolist()) if keep], tracker=self.stat_tracker)
         n = len(trajectories)
         mine = advantages[accelerator.process_index * n:(accelerator.process_index + 1) * n]
+        # dropped samples stay in the minibatches (every process must make the same calls), with no weight; the
+        # kept ones are weighed up by 1 / (kept fraction) so the step is as if the dropped were never sampled
+        keep = all_valid.double() * (len(all_valid) / all_valid.sum().double())
+        self._sample_weights = keep[accelerator.process_index * n:(accelerator.process_index + 1) * n].float().to(device)
         metrics = {"reward_mean": kept_rewards.mean().item(), "reward_std": kept_rewards.std(unbiased=False).item(),
                    "reward_group_std": group_reward_std(kept_rewards, kept_groups).item(),
                    "advantage_abs_mean": advantages[all_valid].abs().mean().item(), "skipped_groups": skipped}
@@ -507,6 +511,7 @@ class LOOPTrainer:
         n = len(trajectories)
         perm = torch.randperm(n, generator=generator)
         trajectories, advantages = trajectories[perm], advantages[perm.to(advantages.device)]
+        sample_weights = self._sample_weights[perm.to(self._sample_weights.device)]
         steps = select_timesteps(n, self.train_steps, config.num_train_timesteps, generator).to(accelerator.device)
         weights = self.step_weights.to(accelerator.device)
         per_forward = config.train_timesteps_per_forward
@@ -524,6 +529,7 @@ class LOOPTrainer:
                           disable=not accelerator.is_local_main_process):
             batch = trajectories[slice(start, start + config.train_batch_size)].to(accelerator.device)
             batch_adv = advantages[start:start + config.train_batch_size].repeat(per_forward)
+            batch_weights = sample_weights[start:start + config.train_batch_size].repeat(per_forward)
             if per_forward > 1:
                 batch = batch[rows]
             for j in range(0, config.num_train_timesteps, per_forward):
@@ -531,10 +537,12 @@ class LOOPTrainer:
                 with accelerator.accumulate(self.policy.denoiser):
                     log_prob = self.policy.log_prob(batch, step, guidance_scale=guidance)
                     old_log_prob = batch.log_probs[positions, step]
-                    out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range, weights[step])
+                    out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range,
+                                            weights[step] * batch_weights)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
-                        grad_norm = self._optimizer_step()
+                        losses = torch.stack([*window["loss"], out.loss.detach()])
+                        grad_norm = self._optimizer_step(losses_finite=bool(torch.isfinite(losses).all()))
                 log_ratio = (log_prob - old_log_prob).detach()
                 if start == 0:
                     onpolicy = torch.maximum(onpolicy, log_ratio.abs().max())
@@ -548,7 +556,8 @@ class LOOPTrainer:
                     global_step += 1
                     metrics = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in window.items()}
                     metrics.update(epoch=epoch, inner_epoch=inner_epoch, learning_rate=self.optimizer.param_groups[0]["lr"],
-                                   grad_norm=grad_norm, nonfinite_steps=self.nonfinite_steps)
+                                   grad_norm=grad_norm, nonfinite_steps=self.nonfinite_steps,
+                                   scaler_skipped_steps=self.scaler_skipped_steps)
                     self._log(metrics, global_step)
                     window.clear()
         self._timers["training"] += self._clock() - started
@@ -568,16 +577,31 @@ class LOOPTrainer:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ optimizer, checkpoints, saving
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, losses_finite: torch.Tensor | bool = True) -> float:
         """Clip and step, unless the gradient norm is not finite: then skip, count, and stop after too many.
+
+        Under fp16 the gradient scaler skips the steps whose scaled gradients overflow and halves its scale
+        (it starts at 2^16, so a healthy run skips a few steps at first). Such a skip, with every loss of
+        the step finite and the scale still above 1, is the scaler finding its range: counted apart
+        (``scaler_skipped_steps``), not as a non-finite step. ``losses_finite`` says whether the step's
+        losses were all finite on this process.
 
         Returns the gradient norm before clipping, for the log (NaN where DeepSpeed clips inside its own step)."""
         accelerator, config = self.accelerator, self.config
         grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, config.train_max_grad_norm)
         norm = float("nan") if grad_norm is None else float(grad_norm)
         if accelerator.scaler is not None:  # fp16: the gradient scaler skips inf/NaN steps and lowers its scale
+            scale = float(accelerator.scaler.get_scale())
             self.optimizer.step()
             skipped = self.optimizer.step_was_skipped
+            # the scaler's verdict is the same on every process; make the losses' the same too
+            finite = torch.as_tensor(float(bool(losses_finite)), device=accelerator.device)
+            if skipped and scale > 1.0 and accelerator.reduce(finite, "min").item() > 0:
+                self.optimizer.zero_grad()
+                self.scaler_skipped_steps += 1
+                logger.info(f"The fp16 gradient scaler skipped a step at scale {scale:g} (it halves its scale and "
+                            "goes on); not counted as a non-finite step.")
+                return norm
         elif grad_norm is None:  # DeepSpeed clips, skips overflowing steps and steps inside backward()
             skipped = False
         else:
@@ -640,7 +664,8 @@ class LOOPTrainer:
                    if tracker.name == "wandb" and getattr(tracker, "run", None) is not None}
         return {"epoch": self.first_epoch, "global_step": self.global_step, "stat_tracker": self.stat_tracker.state_dict(),
                 "log_history": self.log_history, "nonfinite_steps": self.nonfinite_steps,
-                "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps, "tracker_run_ids": run_ids,
+                "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
+                "scaler_skipped_steps": self.scaler_skipped_steps, "tracker_run_ids": run_ids,
                 "eval_pending": eval_pending}
 
     def _mark_evaluated(self) -> None:
@@ -710,6 +735,7 @@ class LOOPTrainer:
         self.log_history = list(state.get("log_history", []))
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.consecutive_nonfinite_steps = state.get("consecutive_nonfinite_steps", 0)
+        self.scaler_skipped_steps = state.get("scaler_skipped_steps", 0)
         self._eval_pending = bool(state.get("eval_pending", False))
         logger.info(f"Resumed from {resume_from} at epoch {self.first_epoch}, step {self.global_step}.")
 

@@ -56,8 +56,8 @@ print(f"start epoch {trainer.first_epoch}", flush=True)
 if mode == "fresh" and kill_at == "optimizer":
     step, calls = trainer._optimizer_step, []
 
-    def step_then_die():
-        grad_norm = step()
+    def step_then_die(*args, **kwargs):
+        grad_norm = step(*args, **kwargs)
         calls.append(trainer.first_epoch)
         if calls.count(2) == 2:
             die()

@@ -12,11 +12,19 @@ from ..sampling import ddim_step, ddim_step_std, ddim_step_with_logprob, standar
 from .base import Conditioning, Trajectories
 from .diffusers_policy import LORA_WEIGHT_NAME, DiffusersPolicy
 
-__all__ = ["LOOPStableDiffusionPipeline", "LORA_WEIGHT_NAME"]
+__all__ = ["LOOPStableDiffusionPipeline", "LORA_WEIGHT_NAME", "ddim_overrides"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def ddim_overrides(scheduler_config) -> dict:
+    """The settings that turn a checkpoint's scheduler config into the DDIM sampler the UNet families train with:
+    ``set_alpha_to_one=False`` (True gives the last step zero variance) and, where the config does not say,
+    ``clip_sample=False`` (latent models never clip x0; DDIM's own default would). Only what differs."""
+    overrides = {"set_alpha_to_one": False, "clip_sample": scheduler_config.get("clip_sample", False)}
+    return {key: value for key, value in overrides.items() if scheduler_config.get(key) != value}
 
 
 class LOOPStableDiffusionPipeline(DiffusersPolicy):
@@ -39,18 +47,11 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         return self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
 
     def _setup_scheduler(self) -> None:
-        original = dict(self.pipeline.scheduler.config)
-        config = dict(original)
-        if config.get("set_alpha_to_one", False):
+        if self.pipeline.scheduler.config.get("set_alpha_to_one", False):
             logger.warning("set_alpha_to_one=True gives the last DDIM step zero variance; using set_alpha_to_one=False.")
-        config["set_alpha_to_one"] = False
-        # latent models never clip x0 to [-1, 1]; DDIM's own default (True) would apply when the checkpoint's
-        # scheduler config does not say (SDXL ships an Euler scheduler)
-        config.setdefault("clip_sample", False)
-        self.pipeline.scheduler = DDIMScheduler.from_config(config)
         # what a user sets to sample as trained: DDIMScheduler.from_config(pipe.scheduler.config, **these)
-        self.scheduler_overrides = {key: config[key] for key in ("set_alpha_to_one", "clip_sample")
-                                    if original.get(key) != config[key]}
+        self.scheduler_overrides = ddim_overrides(self.pipeline.scheduler.config)
+        self.pipeline.scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config, **self.scheduler_overrides)
 
     # ------------------------------------------------------------------ family hooks
     def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
