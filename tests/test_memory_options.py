@@ -34,9 +34,9 @@ def capture_gradients(trainer) -> list[dict]:
     """Record the accumulated gradients each time the trainer is about to take an optimizer step."""
     captured, step = [], trainer._optimizer_step
 
-    def recording_step():
+    def recording_step(*args, **kwargs):
         captured.append({n: p.grad.detach().clone() for n, p in trainer.policy.unet.named_parameters() if p.requires_grad})
-        step()
+        return step(*args, **kwargs)
 
     trainer._optimizer_step = recording_step
     return captured
