@@ -486,8 +486,8 @@ class LOOPTrainer:
             prompts=[p for p, keep in zip(all_prompts, all_valid.tolist()) if keep], tracker=self.stat_tracker)
         n = len(trajectories)
         mine = advantages[accelerator.process_index * n:(accelerator.process_index + 1) * n]
-        # dropped samples stay in the minibatches (every process must make the same calls), with no weight; the
-        # kept ones are weighed up by 1 / (kept fraction) so the step is as if the dropped were never sampled
+        # dropped samples weigh 0 (and are not scored in the PPO passes); the kept ones are weighed up by
+        # 1 / (kept fraction), so the step is as if the dropped were never sampled
         keep = all_valid.double() * (len(all_valid) / all_valid.sum().double())
         self._sample_weights = keep[accelerator.process_index * n:(accelerator.process_index + 1) * n].float().to(device)
         metrics = {"reward_mean": kept_rewards.mean().item(), "reward_std": kept_rewards.std(unbiased=False).item(),
@@ -515,9 +515,6 @@ class LOOPTrainer:
         steps = select_timesteps(n, self.train_steps, config.num_train_timesteps, generator).to(accelerator.device)
         weights = self.step_weights.to(accelerator.device)
         per_forward = config.train_timesteps_per_forward
-        # one forward pass scores per_forward steps of each trajectory: its rows are the minibatch repeated
-        rows = torch.arange(config.train_batch_size, device=steps.device).repeat(per_forward)
-        positions = torch.arange(len(rows), device=steps.device)
         guidance = None if config.train_cfg else 1.0
 
         window: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -527,13 +524,25 @@ class LOOPTrainer:
         started = self._clock()
         for start in tqdm(range(0, n, config.train_batch_size), desc=f"epoch {epoch}: training", leave=False,
                           disable=not accelerator.is_local_main_process):
-            batch = trajectories[slice(start, start + config.train_batch_size)].to(accelerator.device)
-            batch_adv = advantages[start:start + config.train_batch_size].repeat(per_forward)
-            batch_weights = sample_weights[start:start + config.train_batch_size].repeat(per_forward)
+            members = torch.arange(start, start + config.train_batch_size)
+            kept = members[(sample_weights[members.to(sample_weights.device)] > 0).cpu()]
+            if len(kept) == len(members):  # the usual case: the whole minibatch
+                batch, index = trajectories[slice(start, start + config.train_batch_size)], members
+            else:  # samples of dropped groups are not scored; one stays, weighing 0, if none is kept, so that
+                index = kept if len(kept) else members[:1]  # every process makes the same calls
+                batch = trajectories[index]
+            batch = batch.to(accelerator.device)
+            index = index.to(accelerator.device)
+            # the loss is the sum over the kept samples divided by the minibatch size, as if every sample were scored
+            batch_adv = advantages[index].repeat(per_forward)
+            batch_weights = (sample_weights[index] * (len(index) / len(members))).repeat(per_forward)
+            # one forward pass scores per_forward steps of each trajectory: its rows are the minibatch repeated
+            rows = torch.arange(len(index), device=steps.device).repeat(per_forward)
+            positions = torch.arange(len(rows), device=steps.device)
             if per_forward > 1:
                 batch = batch[rows]
             for j in range(0, config.num_train_timesteps, per_forward):
-                step = steps[start:start + config.train_batch_size, j:j + per_forward].T.reshape(-1)
+                step = steps[index, j:j + per_forward].T.reshape(-1)
                 with accelerator.accumulate(self.policy.denoiser):
                     log_prob = self.policy.log_prob(batch, step, guidance_scale=guidance)
                     old_log_prob = batch.log_probs[positions, step]
