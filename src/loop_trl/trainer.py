@@ -294,7 +294,7 @@ class LOOPTrainer:
                                f"{epoch}); training on it would be off-policy garbage. Check the scheduler config and "
                                "mixed_precision (try 'no' or 'bf16'); the last checkpoint is intact.")
         rewards = torch.cat([torch.as_tensor(batch[3]) for batch in prompt_image_data]).float()
-        advantages, epoch_metrics = self._advantages(trajectories, rewards, valid)
+        advantages, sample_weights, epoch_metrics = self._advantages(trajectories, rewards, valid)
         epoch_metrics.update(self._reward_components(prompt_image_data))
         advantages = advantages.clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
         if self.image_samples_hook is not None and self.accelerator.is_main_process:
@@ -302,7 +302,8 @@ class LOOPTrainer:
             self.image_samples_hook(prompt_image_data, global_step, tracker)
 
         for inner_epoch in range(config.train_num_inner_epochs):
-            global_step, train_metrics = self._train_inner_epoch(trajectories, advantages, epoch, inner_epoch, global_step)
+            global_step, train_metrics = self._train_inner_epoch(trajectories, advantages, epoch, inner_epoch, global_step,
+                                                                 sample_weights)
             epoch_metrics.update({k: v for k, v in train_metrics.items() if inner_epoch == 0 or not k.startswith("onpolicy")})
         epoch_metrics["epoch"] = epoch
         epoch_metrics["time_epoch_s"] = self._clock() - started
@@ -465,9 +466,10 @@ class LOOPTrainer:
         return component_metrics({name: matrix[:, i] for i, name in enumerate(names)})
 
     def _advantages(self, trajectories: Trajectories, rewards: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Gather rewards with their group ids from every process, compute advantages over the kept
-        samples (dropped ones get 0), and return this process's share with the epoch's metrics."""
+        samples (dropped ones get 0), and return this process's share of the advantages and of the
+        samples' loss weights, with the epoch's metrics."""
         accelerator, device, config = self.accelerator, self.accelerator.device, self.config
         all_rewards = accelerator.gather(rewards.to(device)).cpu()
         all_groups = accelerator.gather(trajectories.group_ids.to(device)).cpu()
@@ -489,17 +491,20 @@ class LOOPTrainer:
         # dropped samples weigh 0 (and are not scored in the PPO passes); the kept ones are weighed up by
         # 1 / (kept fraction), so the step is as if the dropped were never sampled
         keep = all_valid.double() * (len(all_valid) / all_valid.sum().double())
-        self._sample_weights = keep[accelerator.process_index * n:(accelerator.process_index + 1) * n].float().to(device)
+        sample_weights = keep[accelerator.process_index * n:(accelerator.process_index + 1) * n].float()
         metrics = {"reward_mean": kept_rewards.mean().item(), "reward_std": kept_rewards.std(unbiased=False).item(),
                    "reward_group_std": group_reward_std(kept_rewards, kept_groups).item(),
                    "advantage_abs_mean": advantages[all_valid].abs().mean().item(), "skipped_groups": skipped}
         if config.advantage_estimator == "per_prompt_tracker":  # did the per-prompt statistics engage?
             metrics["tracker_engaged_fraction"] = self.stat_tracker.last_tracked_fraction
-        return mine.to(device), metrics
+        return mine.to(device), sample_weights.to(device), metrics
 
     def _train_inner_epoch(self, trajectories: Trajectories, advantages: torch.Tensor, epoch: int, inner_epoch: int,
-                           global_step: int) -> tuple[int, dict]:
+                           global_step: int, sample_weights: torch.Tensor) -> tuple[int, dict]:
         """One PPO pass: shuffle samples and (per sample) timesteps, then minimise the clipped surrogate.
+
+        ``sample_weights`` (B,) weigh each sample's loss: 0 for dropped groups (not scored), 1 / (kept
+        fraction) for the others (see :meth:`_advantages`).
 
         Returns the step count and the pass's metrics: ``onpolicy_max_abs_logratio`` (the largest
         |log-ratio| over every trained step of the first minibatch, all before the pass's first
@@ -511,7 +516,8 @@ class LOOPTrainer:
         n = len(trajectories)
         perm = torch.randperm(n, generator=generator)
         trajectories, advantages = trajectories[perm], advantages[perm.to(advantages.device)]
-        sample_weights = self._sample_weights[perm.to(self._sample_weights.device)]
+        sample_weights = sample_weights[perm.to(sample_weights.device)]
+        kept_mask = (sample_weights > 0).cpu()  # once per pass, not a device sync per minibatch
         steps = select_timesteps(n, self.train_steps, config.num_train_timesteps, generator).to(accelerator.device)
         weights = self.step_weights.to(accelerator.device)
         per_forward = config.train_timesteps_per_forward
@@ -525,7 +531,7 @@ class LOOPTrainer:
         for start in tqdm(range(0, n, config.train_batch_size), desc=f"epoch {epoch}: training", leave=False,
                           disable=not accelerator.is_local_main_process):
             members = torch.arange(start, start + config.train_batch_size)
-            kept = members[(sample_weights[members.to(sample_weights.device)] > 0).cpu()]
+            kept = members[kept_mask[start:start + config.train_batch_size]]
             if len(kept) == len(members):  # the usual case: the whole minibatch
                 batch, index = trajectories[slice(start, start + config.train_batch_size)], members
             else:  # samples of dropped groups are not scored; one stays, weighing 0, if none is kept, so that
@@ -550,8 +556,7 @@ class LOOPTrainer:
                                             weights[step] * batch_weights)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
-                        losses = torch.stack([*window["loss"], out.loss.detach()])
-                        grad_norm = self._optimizer_step(losses_finite=bool(torch.isfinite(losses).all()))
+                        grad_norm = self._optimizer_step(losses=[*window["loss"], out.loss.detach()])
                 log_ratio = (log_prob - old_log_prob).detach()
                 if start == 0:
                     onpolicy = torch.maximum(onpolicy, log_ratio.abs().max())
@@ -586,14 +591,14 @@ class LOOPTrainer:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ optimizer, checkpoints, saving
-    def _optimizer_step(self, losses_finite: torch.Tensor | bool = True) -> float:
+    def _optimizer_step(self, losses: Sequence[torch.Tensor] = ()) -> float:
         """Clip and step, unless the gradient norm is not finite: then skip, count, and stop after too many.
 
         Under fp16 the gradient scaler skips the steps whose scaled gradients overflow and halves its scale
         (it starts at 2^16, so a healthy run skips a few steps at first). Such a skip, with every loss of
         the step finite and the scale still above 1, is the scaler finding its range: counted apart
-        (``scaler_skipped_steps``), not as a non-finite step. ``losses_finite`` says whether the step's
-        losses were all finite on this process.
+        (``scaler_skipped_steps``), not as a non-finite step. ``losses`` are the step's losses on this
+        process (looked at only after such a skip).
 
         Returns the gradient norm before clipping, for the log (NaN where DeepSpeed clips inside its own step)."""
         accelerator, config = self.accelerator, self.config
@@ -603,9 +608,7 @@ class LOOPTrainer:
             scale = float(accelerator.scaler.get_scale())
             self.optimizer.step()
             skipped = self.optimizer.step_was_skipped
-            # the scaler's verdict is the same on every process; make the losses' the same too
-            finite = torch.as_tensor(float(bool(losses_finite)), device=accelerator.device)
-            if skipped and scale > 1.0 and accelerator.reduce(finite, "min").item() > 0:
+            if skipped and scale > 1.0 and self._all_finite(losses):
                 self.optimizer.zero_grad()
                 self.scaler_skipped_steps += 1
                 logger.info(f"The fp16 gradient scaler skipped a step at scale {scale:g} (it halves its scale and "
@@ -632,6 +635,11 @@ class LOOPTrainer:
                                "Lower train_learning_rate, check the reward's scale, or use mixed_precision='bf16'; "
                                "the last checkpoint is intact.")
         return norm
+
+    def _all_finite(self, losses: Sequence[torch.Tensor]) -> bool:
+        """Whether every loss is finite on every process (the same answer everywhere)."""
+        finite = torch.stack([torch.isfinite(loss).all() for loss in losses]).all() if losses else torch.tensor(True)
+        return self.accelerator.reduce(finite.float().to(self.accelerator.device), "min").item() > 0
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config

@@ -98,7 +98,7 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         shape = (len(prompts), pipe.unet.config.in_channels, size, size)
         latents = standard_normal(shape, generator).to(device) * scheduler.init_noise_sigma
         all_latents, all_log_probs = [latents], []
-        deterministic = set(self.zero_variance_steps(num_steps))  # no noise to add there, whatever eta
+        deterministic = set(self._zero_variance_indices())  # no noise to add there, whatever eta
         for i, t in enumerate(scheduler.timesteps):
             timesteps = t.expand(len(prompts)).to(device)
             noise_pred = self._predict_noise(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
@@ -126,9 +126,13 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         a step to the timestep it starts from (the last step when the schedule reaches timestep 0:
         ``timestep_spacing='leading'`` with ``steps_offset=0``). They are sampled deterministically,
         record a log-probability of 0 and cannot be trained."""
+        self.pipeline.scheduler.set_timesteps(num_steps, device=self.device)
+        return self._zero_variance_indices()
+
+    def _zero_variance_indices(self) -> list[int]:
+        """:meth:`zero_variance_steps` of the schedule the scheduler is set to."""
         scheduler = self.pipeline.scheduler
-        scheduler.set_timesteps(num_steps, device=self.device)
-        return [i for i, t in enumerate(scheduler.timesteps.tolist()) if float(ddim_step_std(scheduler, int(t))) <= 0]
+        return (ddim_step_std(scheduler, scheduler.timesteps.cpu()) <= 0).nonzero().flatten().tolist()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
