@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         for epoch in range(1, args.epochs + 1):
             for mode in (False, True) if epoch % 2 else (True, False):
                 runs[mode].step(epoch, 0)
-                times[mode].append((runs[mode].last_metrics["time_epoch_s"], runs[mode].last_metrics["time_reward_s"]))
+                times[mode].append((runs[mode].last_metrics["time/epoch_s"], runs[mode].last_metrics["time/reward_s"]))
         row = {}
         for mode, label in ((False, "in_turn"), (True, "async")):
             epoch_s, reward_s = (float(np.median([t[i] for t in times[mode]])) for i in (0, 1))

@@ -140,10 +140,11 @@ def run_one(args: argparse.Namespace, method: str, seed: int, lr: float) -> dict
     epochs = []
     trainer.train()
     for m in trainer.log_history:
-        if "reward_mean" in m:
-            epochs.append({"epoch": m["epoch"] + 1, "images": (m["epoch"] + 1) * args.images_per_epoch,
-                           "reward_mean": m["reward_mean"], "tracker_engaged_fraction": m.get("tracker_engaged_fraction"),
-                           **{k: m[k] for k in m if k.startswith("time_")}})
+        if "train/reward_mean" in m:  # an epoch's entry (records keep their earlier key names)
+            epochs.append({"epoch": m["train/epoch"] + 1, "images": (m["train/epoch"] + 1) * args.images_per_epoch,
+                           "reward_mean": m["train/reward_mean"],
+                           "tracker_engaged_fraction": m.get("train/tracker_engaged_fraction"),
+                           **{f"time_{k[len('time/'):]}": m[k] for k in m if k.startswith("time/")}})
     evals = [{"images": m["eval/epochs_completed"] * args.images_per_epoch, "strict": m["eval/strict_mean"],
               "strict_sem": m["eval/strict_sem"], "score": m["eval/score_mean"]}
              for m in trainer.log_history if "eval/strict_mean" in m]

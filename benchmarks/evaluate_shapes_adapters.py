@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     for run in [None] + args.runs:
         policy = load_policy(lora_rank=args.lora_rank)
         if run is not None:
-            policy.load_adapter(run)
+            policy.load_weights(run)
         m = summarize(sample_and_score(policy, ShapesReward(), prompts, images_per_prompt=d["eval_num_images_per_prompt"],
                                        seed=d["eval_seed"], batch_size=d["eval_batch_size"], **sampler))
         h = evaluate(policy, held_out, ShapesArguments.heldout_images_per_prompt, seed=d["eval_seed"], **sampler)

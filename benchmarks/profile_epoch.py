@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     for epoch in range(args.epochs + 1):
         trainer.global_step = trainer.step(epoch, trainer.global_step)
         if epoch > 0:  # epoch 0 warms up kernels and allocators
-            epochs.append({k: v for k, v in trainer.last_metrics.items() if k.startswith("time_")})
+            epochs.append({f"time_{k[len('time/'):]}": v for k, v in trainer.last_metrics.items() if k.startswith("time/")})
     floors = [floor_seconds(trainer.policy, config, device) for _ in range(args.floor_repeats)]
 
     median = {k: float(np.median([e[k] for e in epochs])) for k in epochs[0]}

@@ -96,7 +96,6 @@ def main() -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         print(f"Adapter and model card written to {os.path.abspath(config.output_dir)}")
-    trainer.end_training()  # all processes leave together (under accelerate launch)
 
 
 if __name__ == "__main__":

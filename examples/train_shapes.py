@@ -102,10 +102,10 @@ def plot_curves(history: list[dict], images_per_epoch: int, path: str, window: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h for h in history if "reward_mean" in h]
+    epochs = [h for h in history if "train/reward_mean" in h]
     evals = [h for h in history if "eval/strict_mean" in h]
-    curve = np.array([h["reward_mean"] for h in epochs])
-    images = (np.array([h["epoch"] for h in epochs]) + 1) * images_per_epoch
+    curve = np.array([h["train/reward_mean"] for h in epochs])
+    images = (np.array([h["train/epoch"] for h in epochs]) + 1) * images_per_epoch
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(images, curve, marker=".", alpha=0.4, label="epoch mean")
     if len(curve) >= window:

@@ -135,8 +135,8 @@ def test_trainer_takes_several_rewards_and_logs_each(tmp_path, tiny_sd_path):
     trainer.step(0, 0)
     metrics = trainer.last_metrics
     assert metrics["rewards/const/mean"] == 2.0 and metrics["rewards/const/std"] == 0.0
-    assert metrics["reward_mean"] == pytest.approx(metrics["rewards/jpeg/mean"] + 1.0, abs=1e-4)
-    with pytest.raises(ValueError, match="reward_weights is set but reward_function is a single reward"):
+    assert metrics["train/reward_mean"] == pytest.approx(metrics["rewards/jpeg/mean"] + 1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="reward_weights is set but reward_funcs is a single reward"):
         LOOPTrainer(config, JpegCompressibility(), ["a cat"], LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path))
     with pytest.raises(ValueError, match="reward_weights must be a list of finite numbers"):
         LOOPConfig(reward_weights="[1, \"x\"]")
@@ -155,8 +155,8 @@ def test_async_rewards_give_the_same_run_and_the_same_faults(tmp_path, tiny_sd_p
     in_turn, overlapped = run(False), run(True)
     for a, b in zip(in_turn.trainable_parameters, overlapped.trainable_parameters):
         assert torch.equal(a, b)  # bit-identical weights after two epochs
-    assert [m["reward_mean"] for m in in_turn.log_history if "reward_mean" in m] == \
-        [m["reward_mean"] for m in overlapped.log_history if "reward_mean" in m]
+    assert [m["train/reward_mean"] for m in in_turn.log_history if "train/reward_mean" in m] == \
+        [m["train/reward_mean"] for m in overlapped.log_history if "train/reward_mean" in m]
 
     calls = []
 

@@ -65,7 +65,7 @@ def test_fsdp2_sharded_policy_samples_trains_and_saves_like_one_process(tmp_path
     alone = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path, lora_rank=4)
     latents = one_step(alone, shard=False)
     torch.testing.assert_close(torch.load(tmp_path / "latents.pt"), latents, rtol=1e-5, atol=1e-5)
-    alone.save_adapter(str(tmp_path / "alone"))
+    alone.save_weights(str(tmp_path / "alone"))
     sharded = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     reference = load_file(tmp_path / "alone" / "pytorch_lora_weights.safetensors")
     assert sharded.keys() == reference.keys() and len(reference) > 0

@@ -63,10 +63,10 @@ def test_trainer_evaluates_on_schedule_and_logs_under_eval(tmp_path, tiny_sd_pat
 
 
 def test_eval_settings_are_checked_early(tmp_path, tiny_sd_path):
-    with pytest.raises(ValueError, match="eval_freq=1 needs eval_prompts"):
+    with pytest.raises(ValueError, match="eval_freq=1 needs evaluation prompts"):
         make_trainer(tmp_path, tiny_sd_path, eval_freq=1)
     trainer = make_trainer(tmp_path, tiny_sd_path)
-    with pytest.raises(ValueError, match="needs eval_prompts"):
+    with pytest.raises(ValueError, match="needs evaluation prompts"):
         trainer.evaluate()
     assert math.isnan(summarize(EvalSamples(prompts=["a"], rewards=[1.0]))["reward_sem"])
 

@@ -96,7 +96,7 @@ def test_the_trainer_runs_each_family_unchanged(family, tiny_paths, tmp_path):
     trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, policy)
     before = [p.detach().clone() for p in trainer.trainable_parameters]
     trainer.step(0, 0)
-    assert trainer.last_metrics["onpolicy_max_abs_logratio"] < 1e-5
+    assert trainer.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.trainable_parameters))
     out = tmp_path / "adapter"
     trainer.save_pretrained(str(out))
@@ -132,7 +132,7 @@ def test_saved_adapter_reproduces_the_policy_in_plain_diffusers(family, tiny_pat
         for n, p in policy.trainable_module.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.05)
-    policy.save_adapter(str(tmp_path / "adapter"))
+    policy.save_weights(str(tmp_path / "adapter"))
     assert os.listdir(tmp_path / "adapter") == ["pytorch_lora_weights.safetensors"]
 
     pipeline_class = FAMILIES[family].pipeline_class
@@ -154,7 +154,7 @@ def test_saved_adapter_reproduces_the_policy_in_plain_diffusers(family, tiny_pat
     assert continued.trainable_module.peft_config["default"].lora_alpha == 8
     torch.testing.assert_close(_generate(continued.pipeline, family), trained, atol=1e-5, rtol=0)
     other = load_policy(tiny_paths[family], **{**policy_kwargs(family), "lora_rank": 2})
-    other.load_adapter(str(tmp_path / "adapter"))
+    other.load_weights(str(tmp_path / "adapter"))
     torch.testing.assert_close(_scored_by(policy, other.trainable_module, traj), mine, atol=1e-5, rtol=1e-5)
     assert all(p.requires_grad for n, p in other.trainable_module.named_parameters() if "lora_" in n)
     assert {n for n, _ in other.trainable_module.named_parameters() if "lora_" in n} == \
@@ -188,10 +188,10 @@ def test_full_finetuning_of_a_transformer_saves_and_loads(family, tiny_paths, tm
     assert len(params) == len(list(policy.trainable_module.parameters()))
     with torch.no_grad():
         params[0].add_(1.0)
-    policy.save_adapter(str(tmp_path / "full"))
+    policy.save_weights(str(tmp_path / "full"))
     assert os.path.isfile(tmp_path / "full" / "transformer" / "config.json")
     reloaded = load_policy(tiny_paths[family], use_lora=False, **policy_kwargs(family))
-    reloaded.load_adapter(str(tmp_path / "full"))
+    reloaded.load_weights(str(tmp_path / "full"))
     torch.testing.assert_close(reloaded.trainable_parameters()[0], params[0])
 
 
@@ -258,7 +258,7 @@ def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family,
         for n, p in policy.trainable_module.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.05)
-    policy.save_adapter(str(tmp_path))
+    policy.save_weights(str(tmp_path))
     info = policy.model_card_info()
     card = make_model_card(base_model=tiny_paths[family], reward_name="r", repo_id=str(tmp_path),
                            config={"sample_num_steps": 3, "sample_guidance_scale": 3.0, "sample_eta": 1.0}, **info)

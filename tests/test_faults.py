@@ -44,28 +44,28 @@ def test_skip_group_drops_only_the_faulty_group(tmp_path, tiny_sd_path):
         return rewards, {}
 
     trainer = make_trainer(tmp_path, tiny_sd_path, reward=one_nan, reward_error="skip_group")
-    original = trainer._train_inner_epoch
+    original = trainer.update.inner_epoch
 
-    def capture(trajectories, advantages, *args):
+    def capture(model, trajectories, advantages, *args):
         seen["advantages"] = advantages.clone()
-        return original(trajectories, advantages, *args)
+        return original(model, trajectories, advantages, *args)
 
-    trainer._train_inner_epoch = capture
-    import loop_trl.trainer as trainer_module
+    trainer.update.inner_epoch = capture
+    import loop_trl.update as update_module
 
-    surrogate, weights = trainer_module.clipped_surrogate, []
+    surrogate, weights = update_module.clipped_surrogate, []
 
     def recording(log_prob, old_log_prob, advantages, clip_range, sample_weights=None):
         weights.append((advantages.detach().clone(), sample_weights.detach().clone()))
         return surrogate(log_prob, old_log_prob, advantages, clip_range, sample_weights)
 
-    trainer_module.clipped_surrogate = recording
+    update_module.clipped_surrogate = recording
     try:
         trainer.step(0, 0)
     finally:
-        trainer_module.clipped_surrogate = surrogate
-    assert trainer.last_metrics["skipped_groups"] == 1
-    assert trainer.last_metrics["reward_mean"] == pytest.approx(1.5)  # mean of the kept rewards 0..3
+        update_module.clipped_surrogate = surrogate
+    assert trainer.last_metrics["train/skipped_groups"] == 1
+    assert trainer.last_metrics["train/reward_mean"] == pytest.approx(1.5)  # mean of the kept rewards 0..3
     adv = seen["advantages"]
     assert torch.equal(adv[4:], torch.zeros(4)) and torch.isfinite(adv).all() and adv[:4].abs().sum() > 0
     # the dropped group is not scored; the kept half weighs 2 (1 / kept fraction), scaled to the minibatch it shares
@@ -101,7 +101,7 @@ def test_skip_group_stops_past_the_allowed_fraction(tmp_path, tiny_sd_path):
     ok = make_trainer(tmp_path, tiny_sd_path, reward=half_broken, reward_error="skip_group",
                       sample_num_batches_per_epoch=2, reward_max_skip_fraction=0.5)
     ok.step(0, 0)
-    assert ok.last_metrics["skipped_groups"] == 2
+    assert ok.last_metrics["train/skipped_groups"] == 2
     strict = make_trainer(tmp_path, tiny_sd_path, reward=half_broken, reward_error="skip_group",
                           sample_num_batches_per_epoch=2, reward_max_skip_fraction=0.25)
     with pytest.raises(RuntimeError, match="2 of 4 prompt groups"):
@@ -215,7 +215,7 @@ def test_async_scoring_calls_a_reward_one_thread_at_a_time(tmp_path, tiny_sd_pat
                            sample_batch_size=4, sample_num_batches_per_epoch=3, train_batch_size=4)
     trainer.step(0, 0)
     assert reward.most_inside == 1  # two workers, but the reward is not thread-safe: never two threads inside
-    assert trainer.last_metrics["skipped_groups"] == 0
+    assert trainer.last_metrics["train/skipped_groups"] == 0
     assert trainer.config.max_workers == 2 and small_config(tmp_path).max_workers == 1  # one worker by default
 
 
@@ -276,4 +276,4 @@ def test_the_fp16_scalers_warm_up_skips_are_not_non_finite_steps(tmp_path, tiny_
     assert trainer.scaler_skipped_steps == 6 and trainer.nonfinite_steps == 0  # 2^16 .. 2^11 skipped, then steps
     assert scaler.get_scale() == 2.0**10
     assert any(not torch.equal(before[n], p) for n, p in lora_weights(trainer).items())
-    assert trainer.log_history[-2]["scaler_skipped_steps"] == 6
+    assert trainer.log_history[-2]["train/scaler_skipped_steps"] == 6

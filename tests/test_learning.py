@@ -24,8 +24,8 @@ def test_loop_raises_jpeg_compressibility(tmp_path, tiny_sd_path):
     rewards = []
     for epoch in range(EPOCHS):
         trainer.global_step = trainer.step(epoch, trainer.global_step)
-        rewards.append(trainer.last_metrics["reward_mean"])
-        assert trainer.last_metrics["onpolicy_max_abs_logratio"] < 1e-5
+        rewards.append(trainer.last_metrics["train/reward_mean"])
+        assert trainer.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5
     gain = np.mean(rewards[-3:]) - np.mean(rewards[:3])
     print("rewards per epoch:", np.round(rewards, 4), "gain:", round(gain, 4))
     assert gain > MARGIN_KB, f"reward rose by only {gain:.4f} kB: {rewards}"

@@ -25,20 +25,20 @@ def test_epoch_reports_where_its_time_goes(tmp_path, tiny_sd_path):
     trainer = make_trainer(tmp_path, tiny_sd_path)
     trainer.step(0, 0)
     metrics = trainer.last_metrics
-    parts = [metrics[f"time_{name}_s"] for name in ("sampling", "reward", "training")]
+    parts = [metrics[f"time/{name}_s"] for name in ("sampling", "reward", "training")]
     assert all(seconds > 0 for seconds in parts)
-    assert sum(parts) <= metrics["time_epoch_s"]
+    assert sum(parts) <= metrics["time/epoch_s"]
 
 
 def capture_gradients(trainer) -> list[dict]:
     """Record the accumulated gradients each time the trainer is about to take an optimizer step."""
-    captured, step = [], trainer._optimizer_step
+    captured, step = [], trainer.update.optimizer_step
 
     def recording_step(*args, **kwargs):
         captured.append({n: p.grad.detach().clone() for n, p in trainer.policy.unet.named_parameters() if p.requires_grad})
         return step(*args, **kwargs)
 
-    trainer._optimizer_step = recording_step
+    trainer.update.optimizer_step = recording_step
     return captured
 
 
@@ -78,8 +78,8 @@ def test_timesteps_per_forward_give_the_same_gradient(tmp_path, tiny_sd_path):
     one = make_trainer(tmp_path / "one", tiny_sd_path, train_batch_size=8)
     fused = make_trainer(tmp_path / "fused", tiny_sd_path, train_batch_size=8, train_timesteps_per_forward=per_forward)
     calls = []
-    forward = fused.policy.denoiser.forward
-    fused.policy.denoiser.forward = lambda *a, **k: calls.append(a[0].shape[0]) or forward(*a, **k)
+    forward = fused.model.forward
+    fused.model.forward = lambda *a, **k: calls.append(a[0].shape[0]) or forward(*a, **k)
     grads_one, grads_fused = capture_gradients(one), capture_gradients(fused)
     assert (one.step(0, 0), fused.step(0, 0)) == (1, 1)
     (g_one,), (g_fused,) = grads_one, grads_fused

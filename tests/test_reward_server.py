@@ -99,7 +99,7 @@ def test_a_server_that_dies_mid_epoch_is_a_reward_fault(served, tmp_path, tiny_s
     reward = RemoteReward(server.url, max_retries=1, backoff=0.01, timeout=5)
     trainer = LOOPTrainer(config, reward, PROMPTS, LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path))
     trainer.train()  # the second batch fails: its two groups are dropped, the epoch goes on
-    assert calls == [4] and trainer.last_metrics["skipped_groups"] == 2
+    assert calls == [4] and trainer.last_metrics["train/skipped_groups"] == 2
     assert os.path.isdir(tmp_path / "run" / "checkpoints")
 
 

@@ -33,7 +33,7 @@ def test_adapters_load_only_from_safetensors(tmp_path, tiny_sd_path):
         pickle.dump({"unet.x": _Payload()}, f)
     policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path)
     with pytest.raises(OSError, match="no file named pytorch_lora_weights.safetensors"):
-        policy.load_adapter(str(folder))  # the pickle is never opened
+        policy.load_weights(str(folder))  # the pickle is never opened
 
 
 def test_hub_token_never_reaches_disk_or_logs(tmp_path, tiny_sd_path, monkeypatch, caplog):

@@ -152,7 +152,7 @@ def test_zero_variance_steps_are_deterministic_and_refused_for_training(name, se
             trainer()
     run = trainer(train_timestep_stop=-1) if zero else trainer()
     run.step(0, 0)
-    assert run.last_metrics["onpolicy_max_abs_logratio"] < 1e-5
+    assert run.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5
 
 
 def test_a_non_finite_sampled_log_prob_stops_the_run(tiny_sd_path, tmp_path, monkeypatch):

@@ -45,8 +45,8 @@ def test_epoch_keeps_groups_whole_and_is_on_policy(tmp_path, tiny_sd_path):
     assert step == 2  # 8 samples / train_batch_size 4, one optimizer step per minibatch
     (prompts,) = seen
     assert all(len(set(prompts[i:i + 4])) == 1 for i in range(0, 8, 4))  # K adjacent copies per prompt
-    assert trainer.last_metrics["onpolicy_max_abs_logratio"] < 1e-5  # every trained step of the first minibatch
-    assert trainer.last_metrics["reward_mean"] == pytest.approx(3.5)
+    assert trainer.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5  # every trained step of the first minibatch
+    assert trainer.last_metrics["train/reward_mean"] == pytest.approx(3.5)
     after = lora_weights(trainer)
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the optimizer moved the adapter
     assert all(p.dtype == torch.float32 for p in after.values())
@@ -92,7 +92,7 @@ def test_prompt_sources(tmp_path, tiny_sd_path):
 def test_grad_norm_is_logged_before_clipping(tmp_path, tiny_sd_path):
     trainer = make_trainer(tmp_path, tiny_sd_path, train_learning_rate=0.05, train_max_grad_norm=1e-8)
     trainer.train(epochs=1)
-    norms = [h["grad_norm"] for h in trainer.log_history if "grad_norm" in h]
+    norms = [h["train/grad_norm"] for h in trainer.log_history if "train/grad_norm" in h]
     assert norms and all(math.isfinite(n) and n > 1e-6 for n in norms), norms  # the norm clipping saw, not 1e-8
 
 
@@ -104,8 +104,9 @@ def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_p
     logs = tmp_path / "run" / "logs" / "loop-trl"
     events = EventAccumulator(str(logs)).Reload()
     logged = set(events.Tags()["scalars"])
-    assert {"reward_mean", "reward_std", "reward_group_std", "onpolicy_max_abs_logratio", "loss", "approx_kl", "clipfrac",
-            "ratio", "learning_rate", "grad_norm"} <= logged, logged
+    assert {f"train/{name}" for name in ("reward_mean", "reward_std", "reward_group_std", "frac_reward_zero_std",
+                                         "onpolicy_max_abs_logratio", "loss", "approx_kl", "clipfrac", "ratio",
+                                         "learning_rate", "grad_norm")} | {"time/epoch_s", "time/sampling_s"} <= logged, logged
     out = tmp_path / "adapter"
     trainer.save_pretrained(str(out))
     assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors"]
@@ -216,9 +217,9 @@ def test_only_the_selected_steps_are_trained_with_their_weights(tmp_path, tiny_s
                            train_timestep_weights=[0, 1, 1, 3, 0], log_per_step_metrics=True, train_num_inner_epochs=2)
     scored, log_prob = [], trainer.policy.log_prob
 
-    def spy(trajectories, step, guidance_scale=None):
+    def spy(trajectories, step, guidance_scale=None, **kwargs):
         scored.extend(torch.as_tensor(step).reshape(-1).tolist())
-        return log_prob(trajectories, step, guidance_scale)
+        return log_prob(trajectories, step, guidance_scale, **kwargs)
 
     trainer.policy.log_prob = spy
     assert trainer.step_weights.tolist() == pytest.approx([0, 0.6, 0.6, 1.8, 0])  # mean 1 over steps 1..3
@@ -226,5 +227,5 @@ def test_only_the_selected_steps_are_trained_with_their_weights(tmp_path, tiny_s
     assert set(scored) == {1, 2, 3}  # 8 samples x 3 eligible steps x 2 passes: each step is drawn
     assert len(scored) == 8 * 3 * 2
     metrics = trainer.last_metrics
-    assert {k for k in metrics if k.startswith("steps/")} == {f"steps/{i}/{m}" for i in (1, 2, 3) for m in ("clipfrac", "abs_logratio")}
-    assert metrics["onpolicy_max_abs_logratio"] < 1e-5
+    assert {k for k in metrics if k.startswith("train/steps/")} == {f"train/steps/{i}/{m}" for i in (1, 2, 3) for m in ("clipfrac", "abs_logratio")}
+    assert metrics["train/onpolicy_max_abs_logratio"] < 1e-5

@@ -172,7 +172,7 @@ def run_variant(args: argparse.Namespace, model: str, variant: str, device: torc
         for epoch in range(warmup + args.epochs):
             trainer.global_step = trainer.step(epoch, trainer.global_step)
             if epoch >= warmup:
-                epochs.append({k: v for k, v in trainer.last_metrics.items() if k.startswith("time_")})
+                epochs.append({f"time_{k[len('time/'):]}": v for k, v in trainer.last_metrics.items() if k.startswith("time/")})
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         recorder = None
         if record:  # one more, untimed epoch whose model calls are recorded, then replayed bare

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "frac_reward_zero_std",
     "PerPromptStatTracker",
     "batch_normalized_advantages",
     "compute_advantages",
@@ -67,6 +68,17 @@ def group_reward_std(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Te
     # each sample carries its group's std; weight by 1/count so every group counts once
     per_sample_std = (sq_sums / counts).sqrt()
     return ((per_sample_std / counts).sum() / (1 / counts).sum()).float()
+
+
+def frac_reward_zero_std(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """The share of groups whose rewards are all equal (TRL GRPO's ``frac_reward_zero_std``): such a group's
+    leave-one-out or group-normalised advantages are all zero, so it gives no learning signal."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    rewards = rewards.double()
+    high = torch.full((num_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amax")
+    low = torch.full((num_groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amin")
+    return (high == low).double().mean().item()
 
 
 def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

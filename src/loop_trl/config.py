@@ -9,16 +9,71 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from accelerate.utils import LoggerType
+from transformers import SchedulerType
+
+from .advantages import ADVANTAGE_ESTIMATORS
 from .timesteps import eligible_steps, normalized_step_weights
 
 __all__ = ["LOOPConfig"]
 
-_ESTIMATORS = ("loo", "group_norm", "per_prompt_tracker", "batch_norm")
-_LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# transformers' schedules, less those that need an argument the config has no field for (a metric to watch,
+# decay steps); "cosine_with_min_lr" is reached through train_lr_scheduler="cosine" with train_lr_min_ratio
+_LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value not in (
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"))
 # (field, the environment variable accelerate's launcher sets for it, the value when neither sets one)
 _LAUNCH_SETTINGS = (("mixed_precision", "ACCELERATE_MIXED_PRECISION", "no"),
                     ("train_gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1))
-_TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
+_TRACKERS = tuple(tracker.value for tracker in LoggerType)  # accelerate's
+_JSON_FIELDS = ("train_timestep_weights", "reward_weights", "tracker_kwargs", "accelerator_kwargs", "project_kwargs")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _trackers(value) -> bool:
+    names = [value] if isinstance(value, str) else value
+    return value is None or isinstance(names, (list, tuple)) and bool(names) and all(n in _TRACKERS for n in names)
+
+
+#: (fields, rule, what the rule says): each field is checked on its own, in this order
+_RULES = (
+    (("num_epochs", "save_freq", "max_consecutive_nonfinite_steps", "num_checkpoint_limit", "sample_num_steps",
+      "sample_batch_size", "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",
+      "train_gradient_accumulation_steps", "train_num_inner_epochs", "per_prompt_stat_tracking_buffer_size",
+      "per_prompt_stat_tracking_min_count", "eval_num_images_per_prompt", "max_workers"),
+     lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    (("train_learning_rate", "train_max_grad_norm", "train_adv_clip_max", "sample_eta", "train_adam_epsilon"),
+     lambda v: _is_number(v) and v > 0, "must be > 0"),
+    (("train_clip_range",), lambda v: _is_number(v) and v > 0, "must be > 0 ('inf' disables clipping)"),
+    (("sample_guidance_scale",), lambda v: _is_number(v) and v >= 1.0, "must be >= 1.0 (1.0 disables guidance)"),
+    (("train_timestep_fraction",), lambda v: _is_number(v) and 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    (("train_timestep_start",), _is_int, "must be an integer"),
+    (("train_timestep_stop",), lambda v: v is None or _is_int(v), "must be an integer or None"),
+    (("eval_freq", "train_lr_warmup_steps"), lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+    (("eval_num_steps", "eval_batch_size"), lambda v: v is None or _is_int(v) and v >= 1, "must be None or an integer >= 1"),
+    (("eval_guidance_scale",), lambda v: v is None or _is_number(v) and v >= 1.0, "must be None or >= 1.0"),
+    (("eval_eta",), lambda v: v is None or _is_number(v) and v >= 0, "must be None or >= 0 (0 samples deterministically)"),
+    (("train_adam_beta1", "train_adam_beta2"), lambda v: _is_number(v) and 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    (("train_lr_min_ratio",), lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    (("reward_max_skip_fraction",), lambda v: _is_number(v) and 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    (("reward_weights",), lambda v: v is None or all(_is_number(w) and math.isfinite(w) for w in v),
+     "must be a list of finite numbers"),
+    (("log_with",), _trackers, f"must be None, or one of (or a list of) {_TRACKERS}"),
+)
+#: fields whose value is one of a list, checked after the per_prompt_stat_tracking flag is mapped
+_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "advantage_estimator": ADVANTAGE_ESTIMATORS,
+            "train_lr_scheduler": _LR_SCHEDULERS, "reward_error": ("raise", "skip_group")}
 
 
 @dataclass
@@ -29,7 +84,7 @@ class LOOPConfig:
     full text of each):
 
     > General: ``exp_name``, ``run_name``, ``seed``, ``num_epochs``, ``output_dir``,
-      ``mixed_precision``, ``allow_tf32``, ``log_with``, ``tracker_project_name``,
+      ``mixed_precision``, ``allow_tf32``, ``log_with`` (or ``report_to``), ``tracker_project_name``,
       ``tracker_kwargs``, ``accelerator_kwargs``, ``project_kwargs``.
 
     > Checkpoints and the Hub: ``save_freq``, ``num_checkpoint_limit``, ``resume_from``,
@@ -70,7 +125,8 @@ class LOOPConfig:
     output_dir: str = field(default="loop-output", metadata={"help": "Folder for checkpoints (output_dir/checkpoints), tracker logs (output_dir/logs) and the final adapter and model card."})
     mixed_precision: Optional[str] = field(default=None, metadata={"help": "'no', 'fp16' or 'bf16'. The frozen VAE, text encoder (and UNet base weights with LoRA) run in this dtype; trainable weights always stay fp32. None (the default) takes accelerate's setting: the launch config or `accelerate launch --mixed_precision`, read from ACCELERATE_MIXED_PRECISION, else 'no'. A value set here wins over the launcher's, with a warning when they differ."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere or newer GPUs (faster, slightly less precise)."})
-    log_with: Optional[str] = field(default=None, metadata={"help": "Tracker for metrics: 'tensorboard', 'wandb', 'comet_ml', 'mlflow', ... or 'all'. None logs to the progress bar only."})
+    log_with: Optional[str] = field(default=None, metadata={"help": "Tracker for metrics: 'tensorboard', 'wandb', 'comet_ml', 'mlflow', 'trackio', ... or 'all' (accelerate's names; a list logs to several). None logs to the progress bar only."})
+    report_to: Optional[str] = field(default=None, metadata={"help": "TRL's and transformers' name for log_with: used when log_with is not set ('none' logs to no tracker)."})
     tracker_project_name: str = field(default="loop-trl", metadata={"help": "Project name passed to the trackers."})
     tracker_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={"help": "Keyword arguments for the trackers, e.g. '{\"wandb\": {\"entity\": \"me\"}}'."})
     accelerator_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for accelerate.Accelerator."})
@@ -119,7 +175,7 @@ class LOOPConfig:
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the eligible denoising steps trained on per trajectory, drawn at random for each sample and inner epoch (at least one)."})
     train_timestep_weights: Optional[Union[list, str]] = field(default=None, metadata={"help": "Optional loss weight per denoising step (a list of sample_num_steps numbers >= 0, JSON on the command line such as '[1, 1, 0.5]'); scaled to mean 1 over the eligible steps. None weighs every step equally."})
     train_timesteps_per_forward: int = field(default=1, metadata={"help": "Trained denoising steps of each trajectory that go through the denoiser together in one forward and backward pass (the pass's batch is train_batch_size times this); must divide the steps trained per trajectory. The gradient is the same; larger values trade memory for speed (for small models and on CPUs, fewer and larger calls are much faster)."})
-    train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts' or 'polynomial'."})
+    train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run, one of transformers' schedules: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial' or 'inverse_sqrt'."})
     train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
     train_lr_min_ratio: float = field(default=0.0, metadata={"help": "With train_lr_scheduler='cosine': the rate the cosine ends at, as a fraction of train_learning_rate (0 decays to zero; 0.25 ends at a quarter). Must be in [0, 1)."})
     log_per_step_metrics: bool = field(default=False, metadata={"help": "Also log, each epoch, the clip fraction and mean |log-ratio| by denoising step index (steps/{index}/...), to see what each step contributes."})
@@ -148,131 +204,83 @@ class LOOPConfig:
     max_consecutive_nonfinite_steps: int = field(default=5, metadata={"help": "An optimizer step whose loss or gradient norm is not finite is skipped and logged; stop after this many such steps in a row."})
 
     def __post_init__(self) -> None:
-        def check(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(message)
-
         self._take_launch_settings()
+        if self.report_to is not None and self.log_with is None:  # TRL's name for log_with
+            self.log_with = None if self.report_to in ("none", []) else self.report_to
+        for name in _JSON_FIELDS:
+            self._parse_json(name)
+        for names, rule, message in _RULES:  # one field at a time
+            for name in names:
+                value = getattr(self, name)
+                if not rule(value):
+                    raise ValueError(f"{name} {message}, got {value!r}.")
+        if self.per_prompt_stat_tracking:
+            _check(self.advantage_estimator in ("loo", "per_prompt_tracker"),
+                   f"per_prompt_stat_tracking=True conflicts with advantage_estimator={self.advantage_estimator!r}; "
+                   "drop per_prompt_stat_tracking and set advantage_estimator='per_prompt_tracker'.")
+            self.advantage_estimator = "per_prompt_tracker"
+        for name, choices in _CHOICES.items():
+            _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        self._check_together()
 
-        for name in ("train_timestep_weights", "reward_weights"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # from the command line: a JSON list
-                try:
-                    setattr(self, name, json.loads(value) if value.strip() else None)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{name} must be a JSON list such as '[1, 1, 0.5]'; got {value!r} ({error}).") from error
-        check(self.reward_weights is None or (isinstance(self.reward_weights, list) and all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.reward_weights)),
-            f"reward_weights must be a list of finite numbers, got {self.reward_weights!r}.")
-        for name in ("tracker_kwargs", "accelerator_kwargs", "project_kwargs"):
-            value = getattr(self, name)
-            if value is None:
-                value = {}
-                setattr(self, name, value)
-            if isinstance(value, str):  # from the command line: a JSON object
-                try:
-                    value = json.loads(value) if value.strip() else {}
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{name} must be a JSON object such as '{{\"key\": 1}}'; got {value!r} ({error}).") from error
-                setattr(self, name, value)
-            check(isinstance(value, dict), f"{name} must be a dictionary (a JSON object on the command line), got {value!r}.")
+    def _parse_json(self, name: str) -> None:
+        """A list or dict field given as JSON text (the command line, YAML strings)."""
+        value = getattr(self, name)
+        wants = dict if name.endswith("_kwargs") else list
+        if value is None and wants is dict:
+            value = {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else ({} if wants is dict else None)
+            except json.JSONDecodeError as error:
+                example = "'{\"key\": 1}'" if wants is dict else "'[1, 1, 0.5]'"
+                raise ValueError(f"{name} must be JSON such as {example}; got {value!r} ({error}).") from error
+        _check(value is None or isinstance(value, wants),
+               f"{name} must be a {'dictionary (a JSON object' if wants is dict else 'list (a JSON list'} on the command "
+               f"line), got {value!r}.")
+        setattr(self, name, value)
 
-        positive_ints = ("num_epochs", "save_freq", "max_consecutive_nonfinite_steps", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
-                         "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",
-                         "train_gradient_accumulation_steps", "train_num_inner_epochs",
-                         "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count",
-                         "eval_num_images_per_prompt")
-        for name in positive_ints:
-            value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                  f"{name} must be an integer >= 1, got {value!r}.")
-        positive_floats = ("train_learning_rate", "train_max_grad_norm", "train_adv_clip_max", "train_clip_range",
-                           "sample_eta", "train_adam_epsilon")
-        for name in positive_floats:
-            value = getattr(self, name)
-            check(isinstance(value, (int, float)) and value > 0,
-                  f"{name} must be > 0, got {value!r}." + (" Use 'inf' to disable clipping." if name == "train_clip_range" else ""))
-        check(self.sample_guidance_scale >= 1.0,
-              f"sample_guidance_scale must be >= 1.0 (1.0 disables guidance), got {self.sample_guidance_scale}.")
+    def _check_together(self) -> None:
+        """The rules that tie fields together: warnings, timesteps, whole prompt groups, batch divisibility."""
         if not self.train_cfg and self.sample_guidance_scale > 1.0:
             warnings.warn(f"train_cfg=False scores the sampled steps without guidance, but they were sampled with "
                           f"sample_guidance_scale={self.sample_guidance_scale}: training is off-policy from its first "
                           "step (onpolicy_max_abs_logratio will not be 0 and the clipping acts on a wrong ratio). Use "
-                          "train_cfg=True, or sample without guidance (sample_guidance_scale=1.0).", stacklevel=3)
-        check(0.0 < self.train_timestep_fraction <= 1.0,
-              f"train_timestep_fraction must lie in (0, 1], got {self.train_timestep_fraction}.")
-        for name in ("train_timestep_start", "train_timestep_stop"):
-            value = getattr(self, name)
-            check(value is None and name.endswith("stop") or isinstance(value, int) and not isinstance(value, bool),
-                  f"{name} must be an integer{' or None' if name.endswith('stop') else ''}, got {value!r}.")
+                          "train_cfg=True, or sample without guidance (sample_guidance_scale=1.0).", stacklevel=4)
         try:
             steps = eligible_steps(self.sample_num_steps, self.train_timestep_start, self.train_timestep_stop)
             normalized_step_weights(self.train_timestep_weights, self.sample_num_steps, steps)
         except (ValueError, TypeError) as error:
             raise ValueError(str(error)) from None
         per_forward = self.train_timesteps_per_forward
-        check(isinstance(per_forward, int) and not isinstance(per_forward, bool) and per_forward >= 1
-              and self.num_train_timesteps % per_forward == 0,
-              f"train_timesteps_per_forward must be an integer >= 1 that divides the steps trained per trajectory "
-              f"({self.num_train_timesteps} = train_timestep_fraction {self.train_timestep_fraction} of "
-              f"{len(self.train_timesteps)} eligible steps), got {per_forward!r}.")
-        check(isinstance(self.eval_freq, int) and self.eval_freq >= 0, f"eval_freq must be an integer >= 0, got {self.eval_freq!r}.")
-        for name in ("eval_num_steps", "eval_batch_size"):
-            value = getattr(self, name)
-            check(value is None or isinstance(value, int) and value >= 1, f"{name} must be None or an integer >= 1, got {value!r}.")
-        check(self.eval_guidance_scale is None or self.eval_guidance_scale >= 1.0,
-              f"eval_guidance_scale must be None or >= 1.0, got {self.eval_guidance_scale}.")
-        check(self.eval_eta is None or self.eval_eta >= 0,
-              f"eval_eta must be None or >= 0 (0 samples deterministically), got {self.eval_eta}.")
-        check(0.0 <= self.train_adam_beta1 < 1.0 and 0.0 <= self.train_adam_beta2 < 1.0,
-              "train_adam_beta1 and train_adam_beta2 must lie in [0, 1).")
-        check(self.mixed_precision in ("no", "fp16", "bf16"),
-              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
-        check(self.log_with is None or self.log_with in _TRACKERS,
-              f"log_with must be None or one of {_TRACKERS}, got {self.log_with!r}.")
-
-        if self.per_prompt_stat_tracking:
-            check(self.advantage_estimator in ("loo", "per_prompt_tracker"),
-                  f"per_prompt_stat_tracking=True conflicts with advantage_estimator={self.advantage_estimator!r}; "
-                  "drop per_prompt_stat_tracking and set advantage_estimator='per_prompt_tracker'.")
-            self.advantage_estimator = "per_prompt_tracker"
-        check(self.advantage_estimator in _ESTIMATORS,
-              f"advantage_estimator must be one of {_ESTIMATORS}, got {self.advantage_estimator!r}.")
+        _check(isinstance(per_forward, int) and not isinstance(per_forward, bool) and per_forward >= 1
+               and self.num_train_timesteps % per_forward == 0,
+               f"train_timesteps_per_forward must be an integer >= 1 that divides the steps trained per trajectory "
+               f"({self.num_train_timesteps} = train_timestep_fraction {self.train_timestep_fraction} of "
+               f"{len(self.train_timesteps)} eligible steps), got {per_forward!r}.")
         k = self.num_samples_per_prompt
         if self.advantage_estimator in ("loo", "group_norm"):
-            check(k >= 2, f"advantage_estimator={self.advantage_estimator!r} compares the K samples of a prompt, so "
-                          f"num_samples_per_prompt must be >= 2, got {k}. Use 'per_prompt_tracker' or 'batch_norm' for K=1.")
-        check(self.sample_batch_size % k == 0,
-              f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_samples_per_prompt ({k}) so "
-              f"that each batch holds whole prompt groups; try sample_batch_size={max(k, self.sample_batch_size // k * k)}.")
+            _check(k >= 2, f"advantage_estimator={self.advantage_estimator!r} compares the K samples of a prompt, so "
+                           f"num_samples_per_prompt must be >= 2, got {k}. Use 'per_prompt_tracker' or 'batch_norm' for K=1.")
+        _check(self.sample_batch_size % k == 0,
+               f"sample_batch_size ({self.sample_batch_size}) must be a multiple of num_samples_per_prompt ({k}) so "
+               f"that each batch holds whole prompt groups; try sample_batch_size={max(k, self.sample_batch_size // k * k)}.")
         per_epoch = self.sample_batch_size * self.sample_num_batches_per_epoch
-        check(per_epoch % self.train_batch_size == 0,
-              f"train_batch_size ({self.train_batch_size}) must divide the images sampled per epoch per process "
-              f"(sample_batch_size * sample_num_batches_per_epoch = {per_epoch}).")
+        _check(per_epoch % self.train_batch_size == 0,
+               f"train_batch_size ({self.train_batch_size}) must divide the images sampled per epoch per process "
+               f"(sample_batch_size * sample_num_batches_per_epoch = {per_epoch}).")
         minibatches = per_epoch // self.train_batch_size
-        check(minibatches % self.train_gradient_accumulation_steps == 0,
-              f"train_gradient_accumulation_steps ({self.train_gradient_accumulation_steps}) must divide the "
-              f"minibatches per inner epoch ({minibatches} = {per_epoch} images / train_batch_size "
-              f"{self.train_batch_size}), or the last optimizer step of an epoch would be left half-accumulated.")
-        check(self.train_lr_scheduler in _LR_SCHEDULERS,
-              f"train_lr_scheduler must be one of {_LR_SCHEDULERS}, got {self.train_lr_scheduler!r}.")
-        check(isinstance(self.train_lr_warmup_steps, int) and self.train_lr_warmup_steps >= 0,
-              f"train_lr_warmup_steps must be an integer >= 0, got {self.train_lr_warmup_steps!r}.")
-        check(isinstance(self.train_lr_min_ratio, (int, float)) and 0 <= self.train_lr_min_ratio < 1,
-              f"train_lr_min_ratio must be in [0, 1), got {self.train_lr_min_ratio!r}.")
-        check(self.train_lr_min_ratio == 0 or self.train_lr_scheduler == "cosine",
-              f"train_lr_min_ratio={self.train_lr_min_ratio} sets where a cosine ends, but train_lr_scheduler is "
-              f"{self.train_lr_scheduler!r}; set train_lr_scheduler='cosine' or train_lr_min_ratio=0.")
-        check(isinstance(self.max_workers, int) and self.max_workers >= 1,
-              f"max_workers must be an integer >= 1, got {self.max_workers!r}.")
-        check(self.reward_error in ("raise", "skip_group"),
-              f"reward_error must be 'raise' or 'skip_group', got {self.reward_error!r}.")
-        check(0.0 <= self.reward_max_skip_fraction < 1.0,
-              f"reward_max_skip_fraction must lie in [0, 1), got {self.reward_max_skip_fraction}.")
-        check(self.resume_from in ("", "latest") or os.path.isdir(self.resume_from),
-              f"resume_from must be '', 'latest' or an existing checkpoint folder; {self.resume_from!r} does not exist.")
-        check(not self.push_to_hub or bool(self.hub_model_id),
-              "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/sd15-loop-aesthetic'.")
+        _check(minibatches % self.train_gradient_accumulation_steps == 0,
+               f"train_gradient_accumulation_steps ({self.train_gradient_accumulation_steps}) must divide the "
+               f"minibatches per inner epoch ({minibatches} = {per_epoch} images / train_batch_size "
+               f"{self.train_batch_size}), or the last optimizer step of an epoch would be left half-accumulated.")
+        _check(self.train_lr_min_ratio == 0 or self.train_lr_scheduler == "cosine",
+               f"train_lr_min_ratio={self.train_lr_min_ratio} sets where a cosine ends, but train_lr_scheduler is "
+               f"{self.train_lr_scheduler!r}; set train_lr_scheduler='cosine' or train_lr_min_ratio=0.")
+        _check(self.resume_from in ("", "latest") or os.path.isdir(self.resume_from),
+               f"resume_from must be '', 'latest' or an existing checkpoint folder; {self.resume_from!r} does not exist.")
+        _check(not self.push_to_hub or bool(self.hub_model_id),
+               "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/sd15-loop-aesthetic'.")
 
     def _take_launch_settings(self) -> None:
         """Fields that accelerate's launcher also sets: None takes the launcher's value (its environment

@@ -21,11 +21,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .rewards.base import as_reward_tensor
 
-__all__ = ["EvalSamples", "eval_batches", "sample_and_score", "summarize"]
+__all__ = ["EvalSamples", "eval_batches", "evaluate_across_processes", "sample_and_score", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +173,37 @@ def summarize(samples: EvalSamples) -> dict[str, float]:
                 joint = "/" if key.startswith("rewards/") else "_"
                 metrics[f"{key}{joint}mean/{category}"] = _mean_and_sem([values[i] for i in rows])[0]
     return metrics
+
+
+def evaluate_across_processes(policy, reward_function: Callable, eval_prompts: Sequence[tuple[str, Any]], config,
+                              accelerator, *, stochastic_steps: Sequence[int] | None, sharded: bool,
+                              guidance_scale: float | None = None, deterministic: bool = False) -> dict[str, float]:
+    """:func:`summarize` of the evaluation of ``eval_prompts`` (``(prompt, metadata)`` rows) with the config's
+    ``eval_*`` settings, the batches shared among the processes (the images do not depend on how many).
+
+    ``deterministic`` samples with every step deterministic (DDIM eta 0, the flow ODE), as users deploy
+    the model; otherwise with the training sampler (``eval_eta``, else ``sample_eta``, with the SDE window
+    ``stochastic_steps``). ``sharded`` (FSDP, ZeRO-3): every forward pass gathers weights collectively,
+    so a process with a batch fewer runs a throw-away batch to make the same calls as the others.
+    """
+    prompts = [p for p, _ in eval_prompts]
+    metadata = [m for _, m in eval_prompts]
+    batch_size = config.eval_batch_size or config.sample_batch_size
+    num_batches = len(eval_batches(prompts, config.eval_num_images_per_prompt, batch_size))
+    mine = list(range(accelerator.process_index, num_batches, accelerator.num_processes))
+    settings = dict(images_per_prompt=config.eval_num_images_per_prompt, seed=config.eval_seed,
+                    num_steps=config.eval_num_steps or config.sample_num_steps,
+                    guidance_scale=guidance_scale or config.eval_guidance_scale or config.sample_guidance_scale,
+                    eta=0.0 if deterministic else config.sample_eta if config.eval_eta is None else config.eval_eta,
+                    stochastic_steps=stochastic_steps, batch_size=batch_size, negative_prompt=config.negative_prompts,
+                    progress=accelerator.is_local_main_process, skip_nonfinite=config.reward_error == "skip_group")
+    samples = sample_and_score(policy, reward_function, prompts, metadata, batch_indices=mine, **settings)
+    short = -(-num_batches // accelerator.num_processes) - len(mine)
+    if sharded and short:
+        sample_and_score(policy, reward_function, prompts, metadata, batch_indices=[0] * short, **settings)
+    if accelerator.num_processes > 1:
+        everyone = EvalSamples()
+        for part in gather_object([samples]):
+            everyone.extend(part)
+        samples = everyone
+    return summarize(samples)

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
-__all__ = ["exit_if_hub_unreachable", "hub_unreachable", "make_model_card", "upload_to_hub"]
+__all__ = ["exit_if_hub_unreachable", "hub_unreachable", "make_model_card", "upload_to_hub", "write_model_card"]
 
 _CARD_KEYS = ("num_samples_per_prompt", "advantage_estimator", "num_epochs", "sample_num_steps", "sample_eta",
               "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
@@ -98,6 +98,18 @@ from diffusers import {pipeline_class}{', ' + module_class if not use_lora else 
 {rows}
 """
     return ModelCard(content)
+
+
+def write_model_card(directory: str, policy, config, reward_function, *, example_prompt: str | None,
+                     repo_id: str, epochs_trained: int) -> None:
+    """Write the model card of a trained ``policy`` (a :class:`~loop_trl.DiffusionPolicy`) as ``directory/README.md``."""
+    card = make_model_card(
+        base_model=policy.base_model_name, base_model_loader=policy.base_model_loader,
+        example_prompt=example_prompt or "a photo of a cat",
+        reward_name=getattr(reward_function, "__name__", type(reward_function).__name__),
+        config=config.to_dict(), repo_id=repo_id, use_lora=policy.use_lora, epochs_trained=epochs_trained,
+        **policy.model_card_info())
+    card.save(os.path.join(directory, "README.md"))
 
 
 def upload_to_hub(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,

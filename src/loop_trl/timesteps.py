@@ -59,3 +59,15 @@ def normalized_step_weights(weights: Sequence[float] | None, num_steps: int, ste
     out = torch.zeros(num_steps, dtype=torch.float32)
     out[index] = full[index] * len(index) / total
     return out
+
+
+def refuse_untrainable_steps(zero_variance_steps: Sequence[int], train_steps: Sequence[int], num_steps: int) -> None:
+    """Raise if a trained step is one the scheduler makes deterministic (no log-probability to train)."""
+    untrainable = sorted(set(zero_variance_steps) & set(train_steps))
+    if untrainable:
+        stop = untrainable[0] - num_steps if untrainable[0] < num_steps - 1 else -1
+        raise ValueError(
+            f"Denoising step(s) {untrainable} of the {num_steps}-step schedule have zero variance under this "
+            f"pipeline's scheduler config (its last timestep is 0, e.g. timestep_spacing='leading' with "
+            f"steps_offset=0): they are deterministic and have no log-probability to train. Leave them out with "
+            f"train_timestep_stop={stop}, or set the scheduler's steps_offset=1 (as the released SD checkpoints do).")

@@ -48,7 +48,7 @@ if __name__ == "__main__":
     state = get_model_state_dict(policy.trainable_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         torch.save(latents, f"{out}/latents.pt")
-        policy.save_adapter(out, state_dict=state)
+        policy.save_weights(out, state_dict=state)
     # Both ranks leave together. Then the script leaves without the interpreter's shutdown: fully_shard
     # keeps the group (and gloo's worker threads) referenced from places this script cannot clear, and a
     # worker that frees its last collective during shutdown aborts the process (see

@@ -54,7 +54,7 @@ trainer = LOOPTrainer(config, reward, lambda: (random.choice(PROMPTS), {}),
                       LOOPStableDiffusionPipeline.from_pretrained(sd_path), eval_prompts=PROMPTS[:2])
 print(f"start epoch {trainer.first_epoch}", flush=True)
 if mode == "fresh" and kill_at == "optimizer":
-    step, calls = trainer._optimizer_step, []
+    step, calls = trainer.update.optimizer_step, []
 
     def step_then_die(*args, **kwargs):
         grad_norm = step(*args, **kwargs)
@@ -63,7 +63,7 @@ if mode == "fresh" and kill_at == "optimizer":
             die()
         return grad_norm
 
-    trainer._optimizer_step = step_then_die
+    trainer.update.optimizer_step = step_then_die
 if mode == "fresh" and kill_at == "checkpoint":
     save_state = trainer.accelerator.save_state
 
@@ -77,4 +77,3 @@ if mode == "fresh" and kill_at == "checkpoint":
 trainer.train()
 with open(os.path.join(out, "history.json"), "w") as f:
     json.dump(trainer.log_history, f)
-trainer.end_training()

@@ -5,8 +5,11 @@
 After every optimizer step it gathers a fingerprint of the trainable weights from both ranks;
 after every epoch it checks that the gathered group ids form whole groups of K samples that each
 come from one process. Each rank writes what it saw to OUT/rank_N.json for the test to assert on.
+The script never calls end_training(): the trainer leaves the process group at exit by itself, and
+the threads still alive after that are written to OUT/threads_at_exit_N.json.
 """
 
+import atexit
 import json
 import os
 import sys
@@ -19,6 +22,17 @@ from loop_trl.rewards import JpegCompressibility
 sd_path, out = sys.argv[1], sys.argv[2]
 mode = sys.argv[3] if len(sys.argv) > 3 else "full"  # full | first (stop after epoch 1) | resume
 torch.use_deterministic_algorithms(True)
+
+
+def record_threads_at_exit():
+    """Registered before the trainer exists, so it runs after the trainer's own exit handler (last in, first out)."""
+    tasks = "/proc/self/task"
+    threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
+    with open(f"{out}/threads_at_exit_{int(os.environ.get('RANK', 0))}.json", "w") as f:
+        json.dump(threads, f)
+
+
+atexit.register(record_threads_at_exit)
 config = LOOPConfig(num_epochs=2, resume_from="latest" if mode == "resume" else "", sample_num_steps=3, sample_batch_size=8, sample_num_batches_per_epoch=2,
                     train_batch_size=4, mixed_precision="no", output_dir=out, train_learning_rate=1e-2,
                     sample_guidance_scale=2.0, seed=0, eval_num_images_per_prompt=3)
@@ -45,29 +59,25 @@ def checked_step(*args, **kwargs):
 
 
 trainer.optimizer.step = checked_step
-original_advantages = trainer._advantages
+import loop_trl.trainer as trainer_module  # noqa: E402
+
+original_advantages = trainer_module.advantages_across_processes
 
 
-def checked_advantages(trajectories, rewards, valid):
-    ids = accelerator.gather(trajectories.group_ids)
-    ranks = accelerator.gather(torch.full_like(trajectories.group_ids, accelerator.process_index))
+def checked_advantages(accelerator, config, rewards, group_ids, *args):
+    ids = accelerator.gather(group_ids)
+    ranks = accelerator.gather(torch.full_like(group_ids, accelerator.process_index))
     groups = {}
     for gid, rank in zip(ids.tolist(), ranks.tolist()):
         groups.setdefault(gid, []).append(rank)
     report["groups"].append(sorted((len(r), len(set(r))) for r in groups.values()))
-    return original_advantages(trajectories, rewards, valid)
+    return original_advantages(accelerator, config, rewards, group_ids, *args)
 
 
-trainer._advantages = checked_advantages
+trainer_module.advantages_across_processes = checked_advantages
 trainer.train(epochs=1 if mode == "first" else None)
 report["steps"] = trainer.global_step
 if mode == "full":  # 12 evaluation images in batches of 8: each rank samples one batch, then they are gathered
     report["eval"] = trainer.evaluate(log=False)
 with open(f"{out}/rank_{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)
-trainer.end_training()
-# the group's worker threads must be gone before the interpreter shuts down (see LOOPTrainer.end_training)
-tasks = "/proc/self/task"
-threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
-with open(f"{out}/threads_at_exit_{accelerator.process_index}.json", "w") as f:
-    json.dump(threads, f)

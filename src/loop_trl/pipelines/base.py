@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Iterator, Sequence
 
@@ -12,6 +13,7 @@ __all__ = ["DiffusionPolicy", "Trajectories"]
 
 
 Conditioning = dict[str, torch.Tensor]
+_RENAMED = {"save_adapter": "save_weights", "load_adapter": "load_weights"}  # former name -> name
 
 
 def _map_batched(value, fn):
@@ -111,13 +113,15 @@ class Trajectories:
 class DiffusionPolicy(abc.ABC):
     """What the trainer needs from a model family: sample, score, train, move, save.
 
-    The trainer touches a policy only through this interface. ``denoiser`` is the module that
-    training forward passes go through: the policy sets it to :attr:`trainable_module`, and the
-    trainer replaces it by its accelerate-prepared copy (e.g. DistributedDataParallel) so that
-    gradients synchronise across processes.
+    The trainer touches a policy only through this interface. It owns the accelerate-prepared copy
+    of :attr:`trainable_module` (e.g. DistributedDataParallel, so that gradients synchronise across
+    processes) and hands it to :meth:`log_prob` as ``denoiser``; sampling uses the module itself.
+
+    ``save_adapter`` / ``load_adapter`` are the former names of :meth:`save_weights` /
+    :meth:`load_weights` (they also write full fine-tunes): they still work, with a ``FutureWarning``,
+    and a subclass that implements only the old names gets the new ones from them.
     """
 
-    denoiser: torch.nn.Module
     #: for model cards: the base model's Hub id or folder, and optional Python code that loads it as ``pipe``
     base_model_name: str | None = None
     base_model_loader: str | None = None
@@ -154,21 +158,41 @@ class DiffusionPolicy(abc.ABC):
         """
 
     @abc.abstractmethod
-    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
-        """Log-probability (B,) of the stored transition at step index ``step`` (int or (B,)) under the current weights."""
+    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None, *,
+                 denoiser: torch.nn.Module | None = None) -> torch.Tensor:
+        """Log-probability (B,) of the stored transition at step index ``step`` (int or (B,)) under the current
+        weights, computed through ``denoiser`` (the trainer's prepared module; None: :attr:`trainable_module`)."""
 
     @abc.abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates."""
 
     @abc.abstractmethod
-    def save_adapter(self, save_directory: str, state_dict: dict | None = None) -> None:
+    def save_weights(self, save_directory: str, state_dict: dict | None = None) -> None:
         """Write the trained weights (a LoRA adapter in diffusers format, or full weights); ``state_dict``
         is the trained module's gathered state when its parameters are sharded (FSDP, ZeRO-3)."""
 
     @abc.abstractmethod
+    def load_weights(self, directory: str) -> None:
+        """Load weights written by :meth:`save_weights` into the trainable model."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for old, new in _RENAMED.items():
+            if old in cls.__dict__ and new not in cls.__dict__:  # a policy written against the old names
+                warnings.warn(f"{cls.__name__}.{old} is the former name of {new}; rename it (it will stop "
+                              "being found in a future release).", FutureWarning, stacklevel=2)
+                setattr(cls, new, cls.__dict__[old])
+
+    def save_adapter(self, save_directory: str, state_dict: dict | None = None) -> None:
+        """Deprecated name of :meth:`save_weights`."""
+        warnings.warn("save_adapter() is now save_weights().", FutureWarning, stacklevel=2)
+        self.save_weights(save_directory, state_dict=state_dict)
+
     def load_adapter(self, directory: str) -> None:
-        """Load weights written by :meth:`save_adapter` into the trainable model."""
+        """Deprecated name of :meth:`load_weights`."""
+        warnings.warn("load_adapter() is now load_weights().", FutureWarning, stacklevel=2)
+        self.load_weights(directory)
 
     def model_card_info(self) -> dict:
         """What a model card needs to show how to load the weights: ``pipeline_class`` (the diffusers

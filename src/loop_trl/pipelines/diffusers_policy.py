@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -43,11 +44,11 @@ class DiffusersPolicy(DiffusionPolicy):
         lora_target_modules: names of the modules that get LoRA layers (default: the family's,
             as diffusers' LoRA training scripts use).
         adapter: a folder or Hub id with a LoRA adapter (``pytorch_lora_weights.safetensors``, as
-            :meth:`save_adapter` or diffusers' ``save_lora_weights`` write it) to start from instead
+            :meth:`save_weights` or diffusers' ``save_lora_weights`` write it) to start from instead
             of a new one. Its own LoRA config (rank, alpha, targets) is used, read the way
             ``load_lora_weights`` reads it, so ``lora_rank``, ``lora_alpha`` and
             ``lora_target_modules`` are ignored then. With full fine-tuning: a folder written by
-            :meth:`save_adapter`.
+            :meth:`save_weights`.
         lora_seed: seed of the new adapter's random initial A matrices (B starts at zero, so the
             adapter starts as a no-op whatever the seed).
         resolution: image height and width in pixels (default: the pipeline's own default).
@@ -114,9 +115,8 @@ class DiffusersPolicy(DiffusionPolicy):
                     target_modules=list(lora_target_modules or self.default_lora_target_modules),
                 ))
         if adapter is not None:
-            self.load_adapter(adapter)
+            self.load_weights(adapter)
         pipeline.set_progress_bar_config(disable=True)
-        self.denoiser = module
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *, revision: str | None = None,
@@ -155,7 +155,10 @@ class DiffusersPolicy(DiffusionPolicy):
 
     @property
     def unet(self) -> torch.nn.Module:
-        """The trained module (named ``unet`` for the UNet families; kept for older code)."""
+        """The UNet (TRL DDPO's name). For the transformer families use :attr:`trainable_module`."""
+        if self.module_name != "unet":
+            warnings.warn(f"{type(self).__name__}.unet is its {self.module_name}; use trainable_module.",
+                          FutureWarning, stacklevel=2)
         return self.trainable_module
 
     @property
@@ -219,7 +222,7 @@ class DiffusersPolicy(DiffusionPolicy):
         return torch.autocast(self.device.type, dtype=self.inference_dtype)
 
     # ------------------------------------------------------------------ saving and loading
-    def save_adapter(self, save_directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_weights(self, save_directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` in diffusers format (for ``load_lora_weights``).
         Full fine-tuning: the module in ``save_directory/<module_name>``.
 
@@ -247,8 +250,8 @@ class DiffusersPolicy(DiffusionPolicy):
             **{f"{self.module_name}_lora_layers": layers,
                f"{self.module_name}_lora_adapter_metadata": module.peft_config[ADAPTER_NAME].to_dict()})
 
-    def load_adapter(self, directory: str) -> None:
-        """Load weights written by :meth:`save_adapter` (a folder or, for LoRA, a Hub id).
+    def load_weights(self, directory: str) -> None:
+        """Load weights written by :meth:`save_weights` (a folder or, for LoRA, a Hub id).
 
         LoRA: read as diffusers' ``load_lora_weights`` reads it, so the adapter's saved config (rank,
         alpha, targets) applies; an adapter saved without one (older loop-trl, other tools) gets what
@@ -286,7 +289,7 @@ class DiffusersPolicy(DiffusionPolicy):
     def _read_lora(self, directory: str) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
         """The trained module's LoRA weights as diffusers reads them (keys with the module's prefix), their
         kohya-style ``network_alphas`` if any, and the LoRA config saved in the file's metadata (or None)."""
-        # safetensors only, under the name diffusers and save_adapter write: a pickle is never opened
+        # safetensors only, under the name diffusers and save_weights write: a pickle is never opened
         loaded = self.pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
         state_dict, metadata = loaded[0], loaded[-1]  # (state_dict, [network_alphas,] metadata)
         network_alphas = loaded[1] if len(loaded) == 3 else None

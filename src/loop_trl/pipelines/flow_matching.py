@@ -115,16 +115,18 @@ class FlowMatchingPolicy(DiffusersPolicy):
             sigmas=batch_sigmas.clone(),
         )
 
-    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
+    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None, *,
+                 denoiser: torch.nn.Module | None = None) -> torch.Tensor:
         """Log-probability (B,) of ``latents[:, step] -> latents[:, step + 1]`` under the current transformer.
 
         A pure function of the stored latents, sigmas and conditioning; gradients flow to the
-        trainable weights through ``self.denoiser``.
+        trainable weights through ``denoiser`` (the trainer's prepared module; default
+        :attr:`trainable_module`).
         """
         traj = trajectories
         step, latents, next_latents = traj.transition(step)
         sigma = traj.sigmas.gather(1, step[:, None]).squeeze(1)
         sigma_next = traj.sigmas.gather(1, step[:, None] + 1).squeeze(1)
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
-        velocity = self._velocity(self.denoiser, latents, sigma, traj.conditioning, traj.negative_conditioning, scale)
+        velocity = self._velocity(self.trainable_module if denoiser is None else denoiser, latents, sigma, traj.conditioning, traj.negative_conditioning, scale)
         return flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, prev_sample=next_latents).log_prob

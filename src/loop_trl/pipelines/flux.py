@@ -10,6 +10,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from ..sampling import standard_normal
 from .base import Conditioning
 from .flow_matching import FlowMatchingPolicy
+from .latent_layout import latent_image_ids, pack_latents, unpack_latents
 
 __all__ = ["LOOPFluxPipeline"]
 
@@ -63,7 +64,7 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
     def _initial_noise(self, batch: int, generator) -> torch.Tensor:
         channels, size = self.pipeline.transformer.config.in_channels // 4, self._latent_size
         noise = standard_normal((batch, channels, size, size), generator)
-        return self.pipeline._pack_latents(noise, batch, channels, size, size)
+        return pack_latents(noise)
 
     def _sigmas(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
         scheduler = self.pipeline.scheduler
@@ -76,7 +77,7 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
 
     def _velocity(self, transformer, latents, sigmas, cond, uncond, guidance_scale):
         batch, half = latents.shape[0], self._latent_size // 2
-        image_ids = self.pipeline._prepare_latent_image_ids(batch, half, half, latents.device, latents.dtype)
+        image_ids = latent_image_ids(half, half, latents.device, latents.dtype)
         text_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None
         if self.pipeline.transformer.config.guidance_embeds:
@@ -86,16 +87,16 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
                                pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
                                txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0].float()
 
-    def log_prob(self, trajectories, step, guidance_scale=None):
+    def log_prob(self, trajectories, step, guidance_scale=None, *, denoiser=None):
         """As :meth:`FlowMatchingPolicy.log_prob`, always with the sampling guidance: for FLUX.1 it is an
         input of the transformer, not classifier-free guidance, so scoring without it (``train_cfg=False``)
         would score a different model."""
-        return super().log_prob(trajectories, step, guidance_scale=None)
+        return super().log_prob(trajectories, step, guidance_scale=None, denoiser=denoiser)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
-        latents = self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.pipeline.vae_scale_factor)
+        latents = unpack_latents(latents, self.resolution, self.resolution, self.pipeline.vae_scale_factor)
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)

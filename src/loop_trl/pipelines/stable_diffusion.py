@@ -141,12 +141,14 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
+    def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None, *,
+                 denoiser: torch.nn.Module | None = None) -> torch.Tensor:
         """Log-probability (B,) of ``latents[:, step] -> latents[:, step + 1]`` under the current UNet.
 
         ``step`` is an index into the T denoising steps, one int or a (B,) tensor. Guidance
         defaults to the sampling guidance; pass 1.0 to score with the conditional model only.
-        Gradients flow to the trainable weights through ``self.denoiser``.
+        Gradients flow to the trainable weights through ``denoiser`` (the trainer's prepared module;
+        default :attr:`trainable_module`).
         """
         traj = trajectories
         scheduler = self.pipeline.scheduler
@@ -155,7 +157,7 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         step, latents, next_latents = traj.transition(step)
         timesteps = traj.timesteps.gather(1, step[:, None]).squeeze(1)
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
-        noise_pred = self._predict_noise(self.denoiser, latents, timesteps, traj.conditioning,
+        noise_pred = self._predict_noise(self.trainable_module if denoiser is None else denoiser, latents, timesteps, traj.conditioning,
                                          traj.negative_conditioning, scale)
         _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, traj.eta, prev_sample=next_latents)
         return log_prob

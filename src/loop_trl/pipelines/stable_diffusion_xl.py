@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .base import Conditioning
+from .latent_layout import sdxl_add_time_ids
 from .stable_diffusion import LOOPStableDiffusionPipeline
 
 __all__ = ["LOOPStableDiffusionXLPipeline"]
@@ -34,8 +34,7 @@ class LOOPStableDiffusionXLPipeline(LOOPStableDiffusionPipeline):
             prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
             negative_prompt=negative)
         size = (self.resolution, self.resolution)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = sdxl_add_time_ids(pipe.unet, size, (0, 0), size, pipe.text_encoder_2.config.projection_dim)
         time_ids = time_ids.to(self.device).repeat(len(prompts), 1)
         cond = {"prompt_embeds": embeds.float(), "text_embeds": pooled.float(), "time_ids": time_ids}
         if not guided:

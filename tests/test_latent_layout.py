@@ -1,0 +1,44 @@
+"""loop-trl's copies of diffusers' private layout helpers against the installed diffusers' own, on
+non-square shapes (skipped one by one once a diffusers release no longer has the method)."""
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusionXLPipeline
+
+from loop_trl.pipelines.latent_layout import latent_image_ids, pack_latents, sdxl_add_time_ids, unpack_latents
+from loop_trl.testing import build_tiny_stable_diffusion_xl
+
+
+def diffusers_has(cls, name):
+    if not hasattr(cls, name):
+        pytest.skip(f"this diffusers has no {cls.__name__}.{name}: the copy stands on its own")
+    return getattr(cls, name)
+
+
+@pytest.mark.parametrize("channels, height, width", [(16, 8, 12), (4, 6, 2), (16, 32, 16)])
+def test_pack_and_unpack_match_flux_pipeline(channels, height, width):
+    latents = torch.randn(3, channels, height, width, generator=torch.Generator().manual_seed(0))
+    theirs = diffusers_has(FluxPipeline, "_pack_latents")(latents, 3, channels, height, width)
+    torch.testing.assert_close(pack_latents(latents), theirs, rtol=0, atol=0)
+    scale = 8  # pixels per latent
+    unpacked = diffusers_has(FluxPipeline, "_unpack_latents")(theirs, height * scale, width * scale, scale)
+    torch.testing.assert_close(unpack_latents(theirs, height * scale, width * scale, scale), unpacked, rtol=0, atol=0)
+    torch.testing.assert_close(unpacked, latents, rtol=0, atol=0)  # and the round trip is exact
+
+
+@pytest.mark.parametrize("height, width", [(4, 6), (8, 8), (1, 3)])
+def test_latent_image_ids_match_flux_pipeline(height, width):
+    theirs = diffusers_has(FluxPipeline, "_prepare_latent_image_ids")(2, height, width, "cpu", torch.bfloat16)
+    mine = latent_image_ids(height, width, "cpu", torch.bfloat16)
+    assert mine.dtype == theirs.dtype
+    torch.testing.assert_close(mine, theirs.reshape(mine.shape), rtol=0, atol=0)
+
+
+def test_sdxl_time_ids_match_the_pipeline_and_refuse_a_mismatched_unet():
+    pipe = build_tiny_stable_diffusion_xl()
+    dim = pipe.text_encoder_2.config.projection_dim
+    get_ids = diffusers_has(StableDiffusionXLPipeline, "_get_add_time_ids")
+    theirs = get_ids(pipe, (96, 64), (8, 4), (64, 32), dtype=torch.float32, text_encoder_projection_dim=dim)
+    torch.testing.assert_close(sdxl_add_time_ids(pipe.unet, (96, 64), (8, 4), (64, 32), dim), theirs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="added embedding takes"):
+        sdxl_add_time_ids(pipe.unet, (96, 64), (8, 4), (64, 32), dim + 1)
