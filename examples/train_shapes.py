@@ -167,7 +167,7 @@ def main() -> None:
 
     policy = load_policy(lora_rank=args.lora_rank, lora_seed=config.seed)
     trainer = LOOPTrainer(config, ShapesReward(strict_bonus=args.strict_bonus), eval_set if args.train_on == "eval_prompts" else training, policy,
-                          eval_prompts=eval_set)
+                          eval_dataset=eval_set)
     heldout = lambda guidance: evaluate(policy, held_out, args.heldout_images_per_prompt, seed=config.eval_seed,  # noqa: E731
                                         num_steps=config.sample_num_steps, guidance_scale=guidance, eta=config.sample_eta)
     metrics = {"heldout_before": heldout(config.sample_guidance_scale), "base_at_other_guidance": {}}

@@ -28,7 +28,7 @@ def uninterrupted(tmp_path_factory, tiny_sd_path):
 def history(out):
     """The run's log_history without wall-clock times (the only numbers two identical runs may differ in)."""
     rows = json.loads((out / "history.json").read_text())
-    return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 @pytest.mark.slow

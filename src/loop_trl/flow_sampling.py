@@ -73,7 +73,8 @@ def flow_sde_step_with_logprob(
 
     Args:
         model_output: the (guided) velocity prediction at ``(sample, s)``, (B, ...).
-        sigma, sigma_next: ``s`` and ``s'`` (``s' < s``), floats or (B,) tensors, one per sample.
+        sigma: ``s``, a float or a (B,) tensor, one per sample.
+        sigma_next: ``s'`` (``s' < s``), the same.
         sample: ``x_s``, (B, ...): image latents (B, C, H, W) or packed tokens (B, N, D).
         noise_level: ``a`` in ``sigma_s = a * sqrt(s / (1 - s))``; must be > 0 (use
             :func:`flow_ode_step` for a deterministic step).

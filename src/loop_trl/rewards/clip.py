@@ -87,12 +87,13 @@ class CLIPScore(_CLIPSimilarity):
     image transform on 8-bit images.
 
     Args:
-        model, processor: a transformers ``CLIPModel`` and its processor, or None to load
-            ``model_id`` / ``processor_id`` (default ``openai/clip-vit-base-patch32`` for both;
-            ``openai/clip-vit-large-patch14`` is a common stronger choice, no longer CLIPScore as published).
+        model: a transformers ``CLIPModel``, or None to load ``model_id`` (default
+            ``openai/clip-vit-base-patch32``; ``openai/clip-vit-large-patch14`` is a common stronger
+            choice, no longer CLIPScore as published).
+        processor: its processor, or None to load ``processor_id`` (default: the same as the model).
         w: the scale (2.5 in the CLIPScore paper).
         prefix: put before every prompt (``""`` scores the bare prompt).
-        device, dtype, batch_size: where and how the model runs (default: CUDA if available).
+        **kwargs: ``device`` (default: CUDA if available), ``dtype`` and ``batch_size`` (images per forward pass).
     """
 
     default_model = default_processor = "openai/clip-vit-base-patch32"
@@ -110,10 +111,11 @@ class PickScore(_CLIPSimilarity):
     """``reward_function`` with PickScore, ``logit_scale * cos(image, prompt)`` (about 18-24 for typical images).
 
     Args:
-        model, processor: a transformers ``CLIPModel`` and its processor, or None to load
-            ``model_id`` (default ``yuvalkirstain/PickScore_v1``) and ``processor_id`` (default
-            ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
-        device, dtype, batch_size: where and how the model runs (default: CUDA if available).
+        model: a transformers ``CLIPModel``, or None to load ``model_id`` (default ``yuvalkirstain/PickScore_v1``).
+        processor: its processor, or None to load ``processor_id`` (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
+        device: where the model runs (default: CUDA if available).
+        dtype: the model's dtype.
+        batch_size: images scored per forward pass.
     """
 
     default_model = "yuvalkirstain/PickScore_v1"
@@ -189,7 +191,7 @@ class HPSv2(_CLIPSimilarity):
             (default: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, the OpenCLIP ViT-H/14 HPSv2 fine-tunes).
         processor: the CLIP processor, or None to load ``processor_id`` (default: the same laion repository).
         model: a ``CLIPModel`` already holding HPSv2's weights (then ``checkpoint`` and ``config`` are unused).
-        device, dtype, batch_size: where and how the model runs (default: CUDA if available).
+        **kwargs: ``device`` (default: CUDA if available), ``dtype`` and ``batch_size`` (images per forward pass).
     """
 
     default_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"

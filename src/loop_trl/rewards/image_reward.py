@@ -124,7 +124,9 @@ class ImageReward:
         checkpoint: a local file, or ``"<repo id>/<file name>"`` on the Hub (default
             ``THUDM/ImageReward/ImageReward.pt``).
         max_length: prompt tokens kept (35, as the released scorer).
-        device, dtype, batch_size: where and how the model runs (default: CUDA if available).
+        device: where the model runs (default: CUDA if available).
+        dtype: the model's dtype.
+        batch_size: images scored per forward pass.
     """
 
     default_checkpoint = "THUDM/ImageReward/ImageReward.pt"

@@ -253,6 +253,7 @@ def make_server(reward: Callable, host: str = "127.0.0.1", port: int = 8000, *, 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``python -m loop_trl.rewards.serve`` command: build the reward named by ``--reward`` and serve it."""
     parser = argparse.ArgumentParser(description="Serve a loop-trl reward over HTTP (see loop_trl.rewards.RemoteReward).")
     parser.add_argument("--reward", required=True,
                         help=f"a built-in reward ({', '.join(BUILTIN_REWARDS)}) or module:callable (a class is built without arguments)")
