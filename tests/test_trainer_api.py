@@ -165,6 +165,21 @@ def test_the_policys_former_names_still_work_with_a_warning(tmp_path, tiny_sd_pa
     assert issubclass(OldStyle, DiffusionPolicy)
 
 
+def test_unet_is_kept_for_the_unet_families_and_warns_for_the_transformer_ones(tiny_sd_path):
+    from loop_trl import LOOPStableDiffusion3Pipeline
+    from loop_trl.testing import build_tiny_stable_diffusion_3
+
+    import warnings
+
+    policy = LOOPStableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy.unet is policy.trainable_module  # TRL DDPO's name, still right for a UNet
+    sd3 = LOOPStableDiffusion3Pipeline(build_tiny_stable_diffusion_3())
+    with pytest.warns(FutureWarning, match="use trainable_module"):
+        assert sd3.unet is sd3.trainable_module
+
+
 def test_a_policy_whose_log_prob_takes_no_denoiser_still_trains_through_the_prepared_module(tmp_path, tiny_sd_path):
     """The former contract: the trainer sets policy.denoiser; warned about, and the gradients still flow."""
     class OldContract(LOOPStableDiffusionPipeline):

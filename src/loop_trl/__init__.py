@@ -15,6 +15,7 @@ class _NoTorchvisionFallbackNotice(_logging.Filter):
 _logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
 
 from .advantages import PerPromptStatTracker, compute_advantages, leave_one_out_advantages
+from .callbacks import ImageSamplesCallback, LOOPCallback
 from .config import LOOPConfig
 from .objective import clipped_surrogate
 from .flow_sampling import flow_sde_step_with_logprob
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DiffusionPolicy",
+    "ImageSamplesCallback",
+    "LOOPCallback",
     "LOOPConfig",
     "LOOPFluxPipeline",
     "LOOPStableDiffusion3Pipeline",

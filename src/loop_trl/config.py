@@ -1,4 +1,9 @@
-"""``LOOPConfig``: every option of a LOOP run, with its help text and its validation."""
+"""``LOOPConfig``: every option of a LOOP run, with its help text and its validation.
+
+About 70 fields, one line each with the help text ``--help`` and docs/configuration.md show, make the
+file run past 300 lines; the single-field rules are a table (``_RULES``, ``_CHOICES``) and the rules
+that tie fields together one method.
+"""
 
 from __future__ import annotations
 

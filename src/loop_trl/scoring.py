@@ -4,13 +4,13 @@ metrics, and the advantages computed over every process's prompt groups."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
 from .advantages import PerPromptStatTracker, compute_advantages, frac_reward_zero_std, group_reward_std
@@ -19,7 +19,7 @@ from .rewards.base import MultiReward, as_reward_tensor, component_metrics, is_t
 
 __all__ = ["Advantages", "RewardScorer", "advantages_across_processes", "reward_component_metrics"]
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)  # every process logs its own reward faults
 
 RewardFunction = Callable[[torch.Tensor, Sequence[str], Sequence[Any]], tuple[Any, Any]]
 
@@ -58,7 +58,7 @@ class RewardScorer:
                 raise type(error)(f"{error} [{where}]") if type(error) in (TypeError, ValueError) else \
                     RuntimeError(f"reward_function raised {type(error).__name__}: {error} [{where}]") from error
             logger.warning(f"reward_function failed ({type(error).__name__}: {error}) at {where}; "
-                           f"dropping the batch's {len(prompts) // self.k} prompt groups.", main_process_only=False)
+                           f"dropping the batch's {len(prompts) // self.k} prompt groups.")
             return torch.zeros(len(prompts), dtype=torch.float64), None, torch.zeros(len(prompts), dtype=torch.bool)
         finite = torch.isfinite(values)
         if not bool(finite.all()):
@@ -68,7 +68,7 @@ class RewardScorer:
                        f"({int((~finite).sum())} non-finite in this batch).")
             if not self.skip:
                 raise ValueError(message)
-            logger.warning(message + " Dropping the affected prompt groups.", main_process_only=False)
+            logger.warning(message + " Dropping the affected prompt groups.")
         valid = finite.view(-1, self.k).all(dim=1).repeat_interleave(self.k)  # a group is kept only if all K are finite
         return torch.where(valid, values, torch.zeros_like(values)), output[1], valid
 
