@@ -125,6 +125,29 @@ def _scored_by(policy, module, traj) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_step_distribution_and_the_reference_for_the_kl_penalty(family, tiny_paths):
+    """step_distribution's log-probability is log_prob's; its std is the sampler's; the reference is the base
+    module loaded afresh by diffusers, and the adapter is back on after the context."""
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
+    with torch.no_grad():  # a LoRA that changes the output, as training would
+        for n, p in policy.trainable_module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    traj = sample(policy, family)
+    step = torch.tensor([1, 2])
+    with torch.no_grad():
+        dist = policy.step_distribution(traj, step)
+        torch.testing.assert_close(dist.log_prob, policy.log_prob(traj, step), rtol=0, atol=0)
+        assert dist.mean.shape == traj.latents[:, 0].shape and bool((dist.std > 0).all())
+        base = getattr(FAMILIES[family].pipeline_class.from_pretrained(tiny_paths[family]), policy.module_name)
+        with policy.reference() as reference:
+            torch.testing.assert_close(policy.step_distribution(traj, step, denoiser=reference).mean,
+                                       policy.step_distribution(traj, step, denoiser=base).mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(policy.step_distribution(traj, step).mean, dist.mean, rtol=0, atol=0)
+        assert (dist.mean - policy.step_distribution(traj, step, denoiser=base).mean).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_saved_adapter_reproduces_the_policy_in_plain_diffusers(family, tiny_paths, tmp_path):
     # alpha != rank: diffusers assumes alpha = rank unless the LoRA config is saved with the weights
     policy = load_policy(tiny_paths[family], **{**policy_kwargs(family), "lora_alpha": 8})

@@ -56,7 +56,7 @@ _RULES = (
     (("num_epochs", "save_freq", "max_consecutive_nonfinite_steps", "num_checkpoint_limit", "sample_num_steps",
       "sample_batch_size", "sample_num_batches_per_epoch", "num_samples_per_prompt", "train_batch_size",
       "train_gradient_accumulation_steps", "train_num_inner_epochs", "per_prompt_stat_tracking_buffer_size",
-      "per_prompt_stat_tracking_min_count", "eval_num_images_per_prompt", "max_workers"),
+      "per_prompt_stat_tracking_min_count", "eval_num_images_per_prompt", "max_workers", "ema_update_interval"),
      lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
     (("train_learning_rate", "train_max_grad_norm", "train_adv_clip_max", "sample_eta", "train_adam_epsilon"),
      lambda v: _is_number(v) and v > 0, "must be > 0"),
@@ -71,6 +71,8 @@ _RULES = (
     (("eval_eta",), lambda v: v is None or _is_number(v) and v >= 0, "must be None or >= 0 (0 samples deterministically)"),
     (("train_adam_beta1", "train_adam_beta2"), lambda v: _is_number(v) and 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("train_lr_min_ratio",), lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    (("beta",), lambda v: _is_number(v) and 0 <= v < math.inf, "must be a number >= 0 (0 turns the KL penalty off)"),
+    (("ema_decay",), lambda v: _is_number(v) and 0 <= v < 1, "must lie in [0, 1)"),
     (("reward_max_skip_fraction",), lambda v: _is_number(v) and 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("reward_weights",), lambda v: v is None or all(_is_number(w) and math.isfinite(w) for w in v),
      "must be a list of finite numbers"),
@@ -108,7 +110,8 @@ class LOOPConfig:
       ``train_num_inner_epochs``, ``train_cfg``, ``train_clip_range``,
       ``train_timestep_start``, ``train_timestep_stop``, ``train_timestep_fraction``,
       ``train_timestep_weights``, ``train_lr_scheduler``, ``train_lr_warmup_steps``,
-      ``train_lr_min_ratio``, ``log_per_step_metrics``.
+      ``train_lr_min_ratio``, ``beta`` (KL to the reference), ``use_ema``, ``ema_decay``,
+      ``ema_update_interval``, ``log_per_step_metrics``.
 
     > Evaluation (with ``eval_prompts`` passed to the trainer): ``eval_freq``, ``eval_before_training``,
       ``eval_seed``, ``eval_num_images_per_prompt``, ``eval_num_steps``, ``eval_guidance_scale``,
@@ -183,6 +186,10 @@ class LOOPConfig:
     train_lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule over all optimizer steps of the run, one of transformers' schedules: 'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial' or 'inverse_sqrt'."})
     train_lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up for the schedules that have one."})
     train_lr_min_ratio: float = field(default=0.0, metadata={"help": "With train_lr_scheduler='cosine': the rate the cosine ends at, as a fraction of train_learning_rate (0 decays to zero; 0.25 ends at a quarter). Must be in [0, 1)."})
+    beta: float = field(default=0.0, metadata={"help": "Weight of the KL penalty to the reference policy (the base model: the LoRA adapter disabled, or a frozen copy for full fine-tuning), added to the loss at every trained step: the closed-form KL between the policy's and the reference's Gaussian step, averaged over latent entries as the log-probability is (Flow-GRPO's and TRL GRPO's beta). 0 (the default) computes no reference. Logged as train/kl."})
+    use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trainable weights (diffusers' EMAModel) and evaluate, save and push the averaged weights; sampling for training uses the current ones. Saved in checkpoints."})
+    ema_decay: float = field(default=0.9, metadata={"help": "With use_ema: the largest decay. diffusers' EMAModel ramps the decay of update n as min(ema_decay, n / (n + 9)), so the first update copies the weights."})
+    ema_update_interval: int = field(default=1, metadata={"help": "With use_ema: update the average every this many optimizer steps."})
     log_per_step_metrics: bool = field(default=False, metadata={"help": "Also log, each epoch, the clip fraction and mean |log-ratio| by denoising step index (steps/{index}/...), to see what each step contributes."})
 
     # Evaluation

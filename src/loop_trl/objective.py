@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SurrogateOutput", "clipped_surrogate", "scaled_clip_range"]
+__all__ = ["SurrogateOutput", "clipped_surrogate", "gaussian_kl", "scaled_clip_range"]
 
 
 @dataclass
@@ -50,6 +50,19 @@ def clipped_surrogate(
     loss = (per_sample if weights is None else weights * per_sample).mean()
     approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean().detach()
     return SurrogateOutput(loss=loss, approx_kl=approx_kl, clipfrac=clipfrac, ratio=ratio.mean().detach())
+
+
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(reference_mean, std^2)) of one sampler step, averaged over all but the batch
+    dimension as the step's log-probability is (``sampling.gaussian_log_prob``): (B,).
+
+    The policy's and the reference's step share their standard deviation (it comes from the schedule
+    and eta, not the model), so the KL is ``(mean - reference_mean)^2 / (2 std^2)`` per entry, as
+    Flow-GRPO's ``beta`` term computes it. ``mean`` and ``reference_mean`` are (B, ...); ``std``
+    broadcasts against them.
+    """
+    per_entry = (mean.float() - reference_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return per_entry.mean(dim=tuple(range(1, per_entry.ndim)))
 
 
 def scaled_clip_range(clip_range: float, latent_shape: tuple[int, ...], reference_shape: tuple[int, ...] = (4, 64, 64)) -> float:

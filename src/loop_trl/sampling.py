@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from diffusers import DDIMScheduler
 
-__all__ = ["ddim_step", "ddim_step_std", "ddim_step_with_logprob", "gaussian_log_prob", "standard_normal"]
+__all__ = ["ddim_step", "ddim_step_distribution", "ddim_step_std", "ddim_step_with_logprob", "gaussian_log_prob",
+           "standard_normal"]
 
 
 def standard_normal(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -116,6 +117,22 @@ def _ddim_mean_std(scheduler: DDIMScheduler, model_output: torch.Tensor, timeste
     return mean, std
 
 
+def ddim_step_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
+                           sample: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of the stochastic DDIM step ``x_t -> x_{t-1}`` (``eta > 0``): its mean (B, C, H, W) and
+    standard deviation (B, 1, 1, 1), fp32, as :func:`ddim_step_with_logprob` samples and scores it."""
+    sample = sample.float()
+    mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    if not bool((std > 0).all()):
+        zero = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])[(std.reshape(-1) <= 0).cpu()]
+        raise ValueError(
+            f"The DDIM step at timestep {int(zero[0])} has zero variance under this scheduler config (alpha_bar of "
+            "the step's target equals its own: the last step of a schedule that reaches timestep 0, e.g. "
+            "timestep_spacing='leading' with steps_offset=0). It is deterministic and has no log-probability: take "
+            "it with ddim_step, and do not train it (train_timestep_stop=-1).")
+    return mean, std
+
+
 def ddim_step(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
               sample: torch.Tensor) -> torch.Tensor:
     """The deterministic DDIM step (eta 0) ``x_t -> x_{t-1}``, as ``DDIMScheduler.step(..., eta=0)``; fp32.
@@ -160,14 +177,7 @@ def ddim_step_with_logprob(
         raise ValueError("Pass at most one of noise, generator or prev_sample.")
     dtype = model_output.dtype
     sample = sample.float()
-    mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
-    if not bool((std > 0).all()):
-        zero = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])[(std.reshape(-1) <= 0).cpu()]
-        raise ValueError(
-            f"The DDIM step at timestep {int(zero[0])} has zero variance under this scheduler config (alpha_bar of "
-            "the step's target equals its own: the last step of a schedule that reaches timestep 0, e.g. "
-            "timestep_spacing='leading' with steps_offset=0). It is deterministic and has no log-probability: take "
-            "it with ddim_step, and do not train it (train_timestep_stop=-1).")
+    mean, std = ddim_step_distribution(scheduler, model_output, timestep, sample, eta)
 
     if prev_sample is None:
         if noise is None:

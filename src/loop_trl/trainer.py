@@ -55,13 +55,11 @@ class LOOPTrainer:
             (:class:`loop_trl.rewards.MultiReward`), each logged as ``rewards/{name}/mean`` and ``/std``.
         train_dataset: the training prompts: a list of prompts, a ``datasets.Dataset`` with a ``prompt``
             column, or ``prompt_function() -> (prompt, metadata)``.
-        model: the policy (e.g. :class:`LOOPStableDiffusionPipeline`, any :class:`DiffusionPolicy`), or a
-            base model's Hub id or folder, loaded with :func:`loop_trl.load_policy`.
-        image_samples_hook: optional ``hook(prompt_image_data, global_step, tracker)`` called on the main
-            process each epoch (it becomes an :class:`~loop_trl.callbacks.ImageSamplesCallback`).
-        eval_dataset: optional fixed evaluation prompts (a list, or a ``datasets.Dataset`` with a
-            ``prompt`` column whose other columns are passed as metadata), scored by :meth:`evaluate`
-            with the ``eval_*`` settings, every ``eval_freq`` epochs.
+        model: the policy (any :class:`DiffusionPolicy`), or a base model's Hub id or folder (:func:`load_policy`).
+        image_samples_hook: DDPO's ``hook(prompt_image_data, global_step, tracker)``, called on the main
+            process each epoch (an :class:`~loop_trl.callbacks.ImageSamplesCallback`).
+        eval_dataset: fixed evaluation prompts (a list, or a ``datasets.Dataset`` whose other columns are the
+            metadata), scored by :meth:`evaluate` every ``eval_freq`` epochs with the ``eval_*`` settings.
         callbacks: ``transformers.TrainerCallback`` instances or classes (see :mod:`loop_trl.callbacks`).
 
     ``state`` is a ``transformers.TrainerState``; ``log_history`` holds every dict of metrics logged, each with
@@ -98,6 +96,8 @@ class LOOPTrainer:
             self.policy.enable_gradient_checkpointing()
         if not self.policy.trainable_parameters():
             raise ValueError("The pipeline has no trainable parameters.")
+        if config.beta:  # the reference policy of the KL penalty, kept before any weight moves
+            self.policy.prepare_reference()
         optimizer = make_optimizer(self.policy.trainable_parameters(), config)
         self._engine_saves_model = engine_saves_model(accelerator)
         # the trainer owns the prepared module (e.g. DDP-wrapped) and hands it to policy.log_prob
@@ -141,8 +141,7 @@ class LOOPTrainer:
         metrics = {**credit.metrics,
                    **reward_component_metrics(self.reward_function, rollout.prompt_image_data, self.accelerator)}
         advantages = credit.advantages.clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
-        tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
-        self._event("on_samples", prompt_image_data=rollout.prompt_image_data, tracker=tracker)
+        self._event("on_samples", prompt_image_data=rollout.prompt_image_data, tracker=(self.accelerator.trackers or [None])[0])
         # 3. several passes of PPO's clipped surrogate over (sample, denoising step) minibatches
         for inner_epoch in range(config.train_num_inner_epochs):
             global_step, pass_metrics = self.update.inner_epoch(self.model, rollout.trajectories, advantages,
@@ -194,8 +193,7 @@ class LOOPTrainer:
         if self.first_epoch >= self.config.num_epochs or self.control.should_training_stop:
             close_trackers(self.accelerator)  # the run is complete
 
-    def _evaluate_all(self) -> None:
-        """The evaluations of an evaluation point: the training sampler's, and the deployed one's if asked."""
+    def _evaluate_all(self) -> None:  # the training sampler's evaluation, and the deployed one's if asked
         self.evaluate()
         if self.config.eval_deterministic:
             self.evaluate(deterministic=True)
@@ -212,10 +210,11 @@ class LOOPTrainer:
         diffusers pipeline's images from the same noise), logged under ``eval_deterministic/``."""
         if not self.eval_prompts:
             raise ValueError("evaluate() needs evaluation prompts: pass LOOPTrainer(..., eval_dataset=[...]).")
-        metrics = evaluate_across_processes(
-            self.policy, self.reward_function, self.eval_prompts, self.config, self.accelerator,
-            stochastic_steps=self.train_steps if self.config.sample_sde_window else None,
-            sharded=self._engine_saves_model, guidance_scale=guidance_scale, deterministic=deterministic)
+        with self.update.averaged_weights():  # the EMA weights with use_ema
+            metrics = evaluate_across_processes(
+                self.policy, self.reward_function, self.eval_prompts, self.config, self.accelerator,
+                stochastic_steps=self.train_steps if self.config.sample_sde_window else None,
+                sharded=self._engine_saves_model, guidance_scale=guidance_scale, deterministic=deterministic)
         if log:
             prefix = "eval_deterministic" if deterministic else "eval"
             logged = {f"{prefix}/{name}": value for name, value in metrics.items()}
@@ -257,22 +256,23 @@ class LOOPTrainer:
         self._eval_pending = False
 
     def save_pretrained(self, save_directory: str, repo_id: str | None = None) -> None:
-        """Write the trained weights (LoRA in diffusers format) and a model card to ``save_directory``;
+        """Write the trained weights (LoRA in diffusers format; the EMA with ``use_ema``) and a model card;
         ``repo_id`` is the repository the card's loading snippet names (default: the folder). Call it on
         every process: under FSDP or ZeRO-3 the shards are gathered from all (the main process writes)."""
-        state_dict = self.accelerator.get_state_dict(self.model) if self._engine_saves_model else None  # collective
+        with self.update.averaged_weights():  # the EMA weights with use_ema
+            state_dict = self.accelerator.get_state_dict(self.model) if self._engine_saves_model else None  # collective
+            if self.accelerator.is_main_process:
+                self.policy.save_weights(save_directory, state_dict=state_dict)
         if not self.accelerator.is_main_process:
             return
-        self.policy.save_weights(save_directory, state_dict=state_dict)
         example = self.eval_prompts[0][0] if self.eval_prompts else (self.prompts.rows[0][0] if self.prompts.rows else None)
         write_model_card(save_directory, self.policy, self.config, self.reward_function, example_prompt=example,
                          repo_id=repo_id or save_directory, epochs_trained=self.first_epoch)
 
     def push_to_hub(self, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload LOOP-trained weights") -> str | None:
-        """Save the weights and model card to a temporary folder and upload it to ``repo_id`` (default: the
-        config's ``hub_model_id``). Call it on every process (see :meth:`save_pretrained`); the main process
-        uploads and returns the URL, the others return None."""
+        """Save weights and model card to a temporary folder and upload it to ``repo_id`` (default: ``hub_model_id``).
+        Call it on every process (see :meth:`save_pretrained`): the main one uploads and returns the URL."""
         repo_id = repo_id or self.config.hub_model_id
         if not repo_id:
             raise ValueError("push_to_hub() needs a repository: pass repo_id='your-name/model' or set hub_model_id.")

@@ -3,6 +3,7 @@ minibatches, and the optimizer step with its handling of non-finite gradients.""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections import defaultdict
@@ -11,12 +12,13 @@ from typing import Callable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .config import LOOPConfig
 from .engine import clock, seeded_generator
-from .objective import clipped_surrogate
+from .objective import clipped_surrogate, gaussian_kl
 from .pipelines.base import DiffusionPolicy, Trajectories
 from .timesteps import select_timesteps
 
@@ -71,6 +73,16 @@ class PPOUpdate:
         self.train_steps, self.step_weights, self.log = list(train_steps), step_weights, log
         self.trainable_parameters = policy.trainable_parameters()
         self.nonfinite_steps = self.consecutive_nonfinite_steps = self.scaler_skipped_steps = 0
+        self.steps_taken = 0  # optimizer steps taken (not skipped): the EMA's update interval counts them
+        self.beta = config.beta
+        if self.beta and (type(policy).step_distribution is DiffusionPolicy.step_distribution
+                          or type(policy).reference is DiffusionPolicy.reference):
+            raise ValueError(f"beta={self.beta} needs the policy's step_distribution() and reference(), which "
+                             f"{type(policy).__name__} does not implement; set beta=0.")
+        # diffusers' EMAModel over the (possibly sharded) trainable parameters; checkpointed after the schedule
+        self.ema = EMAModel(self.trainable_parameters, decay=config.ema_decay) if config.use_ema else None
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
         parameters = inspect.signature(policy.log_prob).parameters
         self._hands_denoiser = "denoiser" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
         if not self._hands_denoiser:
@@ -82,12 +94,33 @@ class PPOUpdate:
     def counters(self) -> dict[str, int]:
         """The step counters, as checkpoints save them."""
         return {"nonfinite_steps": self.nonfinite_steps, "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
-                "scaler_skipped_steps": self.scaler_skipped_steps}
+                "scaler_skipped_steps": self.scaler_skipped_steps, "steps_taken": self.steps_taken}
 
     def load_counters(self, saved: dict) -> None:
         """Restore :attr:`counters` from a checkpoint's state (older checkpoints hold none: 0)."""
         for name in self.counters:
             setattr(self, name, saved.get(name, 0))
+
+    def _log_prob_and_kl(self, model: torch.nn.Module, batch: Trajectories, step: torch.Tensor,
+                         guidance: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-probability through ``model`` and the KL (B,) of its step to the reference policy's."""
+        policy = self.policy.step_distribution(batch, step, guidance, denoiser=model)
+        with torch.no_grad(), self.policy.reference() as reference:
+            reference_mean = self.policy.step_distribution(batch, step, guidance, denoiser=reference).mean
+        return policy.log_prob, gaussian_kl(policy.mean, reference_mean, policy.std)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With ``use_ema``: the EMA weights in the trainable parameters for the duration, the trained ones after."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable_parameters)
+        self.ema.copy_to(self.trainable_parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable_parameters)
 
     def _log_prob(self, model: torch.nn.Module, batch: Trajectories, step: torch.Tensor, guidance: float | None):
         if self._hands_denoiser:
@@ -148,10 +181,16 @@ class PPOUpdate:
             for j in range(0, config.num_train_timesteps, per_forward):
                 step = steps[index, j:j + per_forward].T.reshape(-1)
                 with accelerator.accumulate(model):
-                    log_prob = self._log_prob(model, batch, step, guidance)
+                    if self.beta:  # the step's Gaussian too, and the reference's mean
+                        log_prob, kl = self._log_prob_and_kl(model, batch, step, guidance)
+                    else:
+                        log_prob = self._log_prob(model, batch, step, guidance)
                     old_log_prob = batch.log_probs[positions, step]
                     out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range,
                                             weights[step] * batch_weights)
+                    if self.beta:  # weighed as the surrogate: per step, and 0 for dropped samples
+                        out.loss = out.loss + self.beta * (weights[step] * batch_weights * kl).mean()
+                        window["kl"].append((weights[step] * batch_weights * kl).mean().detach())
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         grad_norm = self.optimizer_step(losses=[*window["loss"], out.loss.detach()])
@@ -217,6 +256,9 @@ class PPOUpdate:
         if not skipped:
             self.lr_scheduler.step()
             self.consecutive_nonfinite_steps = 0
+            self.steps_taken += 1
+            if self.ema is not None and self.steps_taken % self.config.ema_update_interval == 0:
+                self.ema.step(self.trainable_parameters)
             return norm
         self.consecutive_nonfinite_steps += 1
         self.nonfinite_steps += 1

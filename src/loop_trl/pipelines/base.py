@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import abc
 import warnings
+import contextlib
 from dataclasses import dataclass, fields, replace
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["DiffusionPolicy", "Trajectories"]
+__all__ = ["DiffusionPolicy", "StepDistribution", "Trajectories"]
 
 
 Conditioning = dict[str, torch.Tensor]
@@ -23,6 +24,14 @@ def _map_batched(value, fn):
     if isinstance(value, dict):
         return {key: _map_batched(item, fn) for key, item in value.items()}
     return value
+
+
+class StepDistribution(NamedTuple):
+    """The Gaussian of one sampler step at a stored transition, and the log-probability of its stored end."""
+
+    log_prob: torch.Tensor  # (B,), averaged over the latent's entries
+    mean: torch.Tensor  # (B, ...) like the latents
+    std: torch.Tensor  # broadcasts against mean: (B, 1, ...)
 
 
 @dataclass
@@ -162,6 +171,20 @@ class DiffusionPolicy(abc.ABC):
                  denoiser: torch.nn.Module | None = None) -> torch.Tensor:
         """Log-probability (B,) of the stored transition at step index ``step`` (int or (B,)) under the current
         weights, computed through ``denoiser`` (the trainer's prepared module; None: :attr:`trainable_module`)."""
+
+    def step_distribution(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None,
+                          *, denoiser: torch.nn.Module | None = None) -> StepDistribution:
+        """The step's Gaussian (mean, std) and :meth:`log_prob` together, for the KL to the reference
+        (``beta > 0``). Optional: a policy without it trains with ``beta = 0`` only."""
+        raise NotImplementedError(f"{type(self).__name__} has no step_distribution(), which beta > 0 needs.")
+
+    def prepare_reference(self) -> None:
+        """Called by the trainer before training when ``beta > 0``: keep what :meth:`reference` needs."""
+
+    def reference(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """A context in which the returned module computes the reference policy (the base model), for the
+        KL penalty. Optional: a policy without it trains with ``beta = 0`` only."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference(), which beta > 0 needs.")
 
     @abc.abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -10,6 +10,7 @@ one job that every family shares; split, it would be two files always edited tog
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import warnings
@@ -184,6 +185,32 @@ class DiffusersPolicy(DiffusionPolicy):
         for param in module.parameters():
             param.data = param.data.to(torch.float32 if param.requires_grad else inference_dtype)
         return self
+
+    def prepare_reference(self) -> None:
+        """Keep the reference policy for the KL penalty: with LoRA nothing (the base model is the module with
+        its adapter disabled, no copy in memory); for full fine-tuning a frozen copy of the module as it is
+        now, in the inference dtype (one more copy of its weights). Call it before training."""
+        if not self.use_lora and getattr(self, "_reference_module", None) is None:
+            module = copy.deepcopy(self.trainable_module).requires_grad_(False).eval()
+            self._reference_module = module.to(dtype=getattr(self, "inference_dtype", torch.float32))
+
+    @contextlib.contextmanager
+    def reference(self):
+        """A context in which the returned module is the reference policy: the trained module with its LoRA
+        adapter disabled (through peft, so the base weights; an ``adapter=`` the policy started from is
+        disabled too), or the copy :meth:`prepare_reference` made."""
+        module = self.trainable_module
+        if self.use_lora:
+            module.disable_adapters()
+            try:
+                yield module
+            finally:
+                module.enable_adapters()
+            return
+        if getattr(self, "_reference_module", None) is None:
+            raise RuntimeError("Call prepare_reference() before training: full fine-tuning keeps a frozen copy "
+                               "of the module as the reference.")
+        yield self._reference_module
 
     def enable_gradient_checkpointing(self) -> None:
         self.trainable_module.enable_gradient_checkpointing()

@@ -15,7 +15,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..flow_sampling import flow_ode_step, flow_sde_step_with_logprob
-from .base import Conditioning, Trajectories
+from .base import Conditioning, StepDistribution, Trajectories
 from .diffusers_policy import DiffusersPolicy
 
 __all__ = ["FlowMatchingPolicy"]
@@ -123,10 +123,17 @@ class FlowMatchingPolicy(DiffusersPolicy):
         trainable weights through ``denoiser`` (the trainer's prepared module; default
         :attr:`trainable_module`).
         """
+        return self.step_distribution(trajectories, step, guidance_scale, denoiser=denoiser).log_prob
+
+    def step_distribution(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None,
+                          *, denoiser: torch.nn.Module | None = None) -> StepDistribution:
+        """The flow SDE step's Gaussian at the stored transition and the log-probability of its stored end."""
         traj = trajectories
         step, latents, next_latents = traj.transition(step)
         sigma = traj.sigmas.gather(1, step[:, None]).squeeze(1)
         sigma_next = traj.sigmas.gather(1, step[:, None] + 1).squeeze(1)
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
-        velocity = self._velocity(self.trainable_module if denoiser is None else denoiser, latents, sigma, traj.conditioning, traj.negative_conditioning, scale)
-        return flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, prev_sample=next_latents).log_prob
+        velocity = self._velocity(self.trainable_module if denoiser is None else denoiser, latents, sigma,
+                                  traj.conditioning, traj.negative_conditioning, scale)
+        out = flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, prev_sample=next_latents)
+        return StepDistribution(out.log_prob, out.mean, out.std)

@@ -87,11 +87,11 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
                                pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
                                txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0].float()
 
-    def log_prob(self, trajectories, step, guidance_scale=None, *, denoiser=None):
-        """As :meth:`FlowMatchingPolicy.log_prob`, always with the sampling guidance: for FLUX.1 it is an
-        input of the transformer, not classifier-free guidance, so scoring without it (``train_cfg=False``)
-        would score a different model."""
-        return super().log_prob(trajectories, step, guidance_scale=None, denoiser=denoiser)
+    def step_distribution(self, trajectories, step, guidance_scale=None, *, denoiser=None):
+        """As :meth:`FlowMatchingPolicy.step_distribution` (and so :meth:`log_prob`), always with the sampling
+        guidance: for FLUX.1 it is an input of the transformer, not classifier-free guidance, so scoring
+        without it (``train_cfg=False``) would score a different model."""
+        return super().step_distribution(trajectories, step, guidance_scale=None, denoiser=denoiser)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

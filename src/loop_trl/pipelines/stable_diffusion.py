@@ -8,8 +8,9 @@ from typing import Sequence
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from ..sampling import ddim_step, ddim_step_std, ddim_step_with_logprob, standard_normal
-from .base import Conditioning, Trajectories
+from ..sampling import (ddim_step, ddim_step_distribution, ddim_step_std, ddim_step_with_logprob, gaussian_log_prob,
+                        standard_normal)
+from .base import Conditioning, StepDistribution, Trajectories
 from .diffusers_policy import LORA_WEIGHT_NAME, DiffusersPolicy
 
 __all__ = ["LOOPStableDiffusionPipeline", "LORA_WEIGHT_NAME", "ddim_overrides"]
@@ -150,6 +151,12 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         Gradients flow to the trainable weights through ``denoiser`` (the trainer's prepared module;
         default :attr:`trainable_module`).
         """
+        return self.step_distribution(trajectories, step, guidance_scale, denoiser=denoiser).log_prob
+
+    def step_distribution(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None,
+                          *, denoiser: torch.nn.Module | None = None) -> StepDistribution:
+        """The DDIM step's Gaussian at the stored transition and the log-probability of its stored end (see
+        :meth:`log_prob`)."""
         traj = trajectories
         scheduler = self.pipeline.scheduler
         if scheduler.num_inference_steps != traj.num_steps:
@@ -157,7 +164,7 @@ class LOOPStableDiffusionPipeline(DiffusersPolicy):
         step, latents, next_latents = traj.transition(step)
         timesteps = traj.timesteps.gather(1, step[:, None]).squeeze(1)
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
-        noise_pred = self._predict_noise(self.trainable_module if denoiser is None else denoiser, latents, timesteps, traj.conditioning,
-                                         traj.negative_conditioning, scale)
-        _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, traj.eta, prev_sample=next_latents)
-        return log_prob
+        noise_pred = self._predict_noise(self.trainable_module if denoiser is None else denoiser, latents, timesteps,
+                                         traj.conditioning, traj.negative_conditioning, scale)
+        mean, std = ddim_step_distribution(scheduler, noise_pred, timesteps, latents.float(), traj.eta)
+        return StepDistribution(gaussian_log_prob(next_latents.float(), mean, std), mean, std)
