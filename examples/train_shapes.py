@@ -35,9 +35,8 @@ from PIL import Image, ImageDraw
 from trl import TrlParser
 
 from loop_trl import LOOPConfig, LOOPTrainer
-from loop_trl.evaluation import EvalSamples, summarize
-from loop_trl.testbeds.shapes import (ShapesReward, evaluate, heldout_prompts, load_pipeline, load_policy,
-                                      train_eval_prompts, train_prompts)
+from loop_trl.testbeds.shapes import (ShapesReward, evaluate, evaluate_plain_pipeline, heldout_prompts, load_pipeline,
+                                      load_policy, train_eval_prompts, train_prompts)
 
 logger = logging.getLogger("train_shapes")
 
@@ -131,20 +130,15 @@ def plot_curves(history: list[dict], images_per_epoch: int, path: str, window: i
 def diffusers_check(prompts: list[str], adapter_dir: str, config: LOOPConfig, images_per_prompt: int) -> dict:
     """Strict accuracy and mean score of a plain ``StableDiffusionPipeline`` (its own scheduler and
     defaults: deterministic DDIM), without and with the adapter loaded by ``load_lora_weights``."""
-    reward, jobs, result = ShapesReward(), [p for p in prompts for _ in range(images_per_prompt)], {}
-    pipe = load_pipeline()
+    result, pipe = {}, load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     for name in ("base", "trained"):
         if name == "trained":
             pipe.load_lora_weights(adapter_dir)
-        images = pipe(jobs, num_inference_steps=config.sample_num_steps, guidance_scale=config.sample_guidance_scale,
-                      generator=torch.Generator().manual_seed(config.eval_seed), output_type="pt").images
-        scores, meta = reward(images, jobs, [{}] * len(jobs))
-        m = summarize(EvalSamples(jobs, scores.tolist(), {"strict": meta["strict"].double().tolist()}))
-        result[name] = {"strict": m["strict_mean"], "strict_sem": m["strict_sem"], "mean_score": m["reward_mean"],
-                        "mean_score_sem": m["reward_sem"]}
+        result[name] = evaluate_plain_pipeline(pipe, prompts, images_per_prompt, config.eval_seed, config.sample_num_steps,
+                                               config.sample_guidance_scale)
     result["settings"] = {"scheduler": type(pipe.scheduler).__name__, "eta": 0.0, "num_inference_steps": config.sample_num_steps,
-                          "guidance_scale": config.sample_guidance_scale, "images": len(jobs)}
+                          "guidance_scale": config.sample_guidance_scale, "images": len(prompts) * images_per_prompt}
     return result
 
 

@@ -194,3 +194,16 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for loop in (r for r in report["results"] if r["variant"] == "loop"):
         assert loop["floor_s"]["sampling"] > 0 and loop["floor_s"]["training"] > 0 and loop["epoch_over_floor"] > 0
     assert "| sd35_medium | loop_memory |" in out.stdout and (tmp_path / "gpu" / "table.md").exists()
+
+
+def test_deployed_sampler_compares_adapters_with_the_base_at_every_setting(tmp_path):
+    from loop_trl.testbeds.shapes import load_policy
+
+    load_policy(lora_rank=2).save_weights(str(tmp_path / "adapter"))  # an untrained LoRA: the base model's images
+    out = run(os.path.join(BENCH, "deployed_sampler.py"), "--adapters", str(tmp_path / "adapter"), "--guidance", "1,3",
+              "--steps", "2", "--num_prompts", "2", "--images_per_prompt", "1", "--output", str(tmp_path / "d.json"),
+              cwd=str(tmp_path))
+    result = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert set(result) == {"base", str(tmp_path / "adapter")} and set(result["base"]) == {"2:1", "2:3"}
+    assert result["base"] == result[str(tmp_path / "adapter")]  # B = 0: the same images, the same scores
+    assert "| base |" in out.stdout and "against base" in out.stdout

@@ -12,6 +12,7 @@ import itertools
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ...evaluation import sample_and_score, summarize
 from .scenes import COLORS, FAMILIES, NUMBERS, SHAPES
@@ -92,3 +93,19 @@ def evaluate(pipeline: Any, prompts: Sequence[str] | dict[str, Sequence[str]], n
     result.update(overall=metrics["strict_mean"], overall_sem=metrics["strict_sem"], mean_score=metrics["reward_mean"],
                   mean_score_sem=metrics["reward_sem"])
     return result
+
+
+def evaluate_plain_pipeline(pipe: Any, prompts: Sequence[str], n_per_prompt: int, seed: int, num_steps: int,
+                            guidance_scale: float) -> dict[str, float]:
+    """Strict accuracy and mean verifier score, with standard errors, of a plain diffusers pipeline's images as
+    users sample them: ``pipe(prompts, ...)`` with its own scheduler (the testbed's: deterministic DDIM), all
+    ``n_per_prompt * len(prompts)`` images in one call from one generator seeded with ``seed``."""
+    from ...evaluation import EvalSamples
+
+    jobs = [p for p in prompts for _ in range(n_per_prompt)]
+    images = pipe(jobs, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    scores, meta = ShapesReward()(images, jobs, [{}] * len(jobs))
+    m = summarize(EvalSamples(jobs, scores.tolist(), {"strict": meta["strict"].double().tolist()}))
+    return {"strict": m["strict_mean"], "strict_sem": m["strict_sem"], "mean_score": m["reward_mean"],
+            "mean_score_sem": m["reward_sem"]}
