@@ -62,7 +62,8 @@ class PPOUpdate:
 
     ``step_weights`` (T,) weigh each denoising step's loss (mean 1 over ``train_steps``); ``log`` is
     called with each optimizer step's metrics. The counters (``nonfinite_steps``,
-    ``consecutive_nonfinite_steps``, ``scaler_skipped_steps``) are saved in checkpoints.
+    ``consecutive_nonfinite_steps``, ``scaler_skipped_steps``, ``steps_taken``) are saved in checkpoints,
+    the EMA (``use_ema``) through accelerate's checkpointing.
     """
 
     def __init__(self, config: LOOPConfig, accelerator: Accelerator, policy: DiffusionPolicy,
