@@ -190,8 +190,9 @@ class PPOUpdate:
                     out = clipped_surrogate(log_prob, old_log_prob, batch_adv, config.train_clip_range,
                                             weights[step] * batch_weights)
                     if self.beta:  # weighed as the surrogate: per step, and 0 for dropped samples
-                        out.loss = out.loss + self.beta * (weights[step] * batch_weights * kl).mean()
-                        window["kl"].append((weights[step] * batch_weights * kl).mean().detach())
+                        kl_term = (weights[step] * batch_weights * kl).mean()
+                        out.loss = out.loss + self.beta * kl_term
+                        window["kl"].append(kl_term.detach())
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         grad_norm = self.optimizer_step(losses=[*window["loss"], out.loss.detach()])
