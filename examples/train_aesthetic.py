@@ -50,6 +50,7 @@ class ScriptArguments:
     lora_target_modules: Optional[str] = field(default=None, metadata={"help": "Comma-separated module names that get LoRA layers; default: the family's (as diffusers' LoRA training scripts)."})
     resolution: Optional[int] = field(default=None, metadata={"help": "Image height and width in pixels; default: the model's own (512 for SD 1.5, 1024 for SDXL, SD3.5 and FLUX.1)."})
     load_dtype: str = field(default="fp32", metadata={"help": "dtype the base weights load in: 'fp32', 'bf16' or 'fp16' (bf16 halves the memory of loading a large model; trained weights are fp32 either way)."})
+    sde_type: Optional[str] = field(default=None, metadata={"help": "Flow families (SD3/3.5, FLUX.1): the stochastic sampler trained with: 'flow_grpo' (Flow-GRPO's SDE, the default; --sample_eta 0.7), 'dance_grpo' (DanceGRPO's constant noise scale; --sample_eta 0.3) or 'cps' (coefficient-preserving sampling, --sample_eta in (0, 1], with --train_timestep_stop -1 or lower). Not used by SD 1.x/2.x and SDXL (DDIM)."})
     init_adapter: Optional[str] = field(default=None, metadata={"help": "Start from this LoRA adapter (folder or Hub id) instead of a new one."})
     reward: str = field(default="aesthetic", metadata={"help": "The reward: 'aesthetic' (LAION aesthetic predictor), 'jpeg_compressibility', 'jpeg_incompressibility', 'clipscore', 'pickscore', 'hpsv2', 'imagereward', 'ocr' (docs/rewards.md), or module:callable for your own (a class is built without arguments)."})
     aesthetic_clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP model (Hub id or folder) of the aesthetic reward."})
@@ -89,7 +90,7 @@ def main() -> None:
         policy = load_policy(
             args.pretrained_model, revision=args.pretrained_revision, torch_dtype=dtypes[args.load_dtype],
             use_lora=args.use_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target_modules=targets,
-            adapter=args.init_adapter, resolution=args.resolution,
+            adapter=args.init_adapter, resolution=args.resolution, **({"sde_type": args.sde_type} if args.sde_type else {}),
         )
     trainer = LOOPTrainer(config, reward, make_prompts(args), policy,
                           image_samples_hook=log_images_hook() if args.log_images else None)

@@ -252,6 +252,39 @@ def test_sde_window_samples_deterministically_outside_it(family, tiny_paths):
     assert (policy.log_prob(window, 1) - window.log_probs[:, 1]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family, sde_type", [("stable-diffusion-3", "dance_grpo"), ("flux", "cps")])
+def test_the_other_flow_samplers_sample_rescore_and_train(family, sde_type, tiny_paths, tmp_path):
+    policy = load_policy(tiny_paths[family], sde_type=sde_type, **policy_kwargs(family))
+    traj = policy.sample(PROMPTS, num_steps=3, guidance_scale=3.0, eta=0.5, generator=torch.Generator().manual_seed(0))
+    assert traj.sde_type == sde_type
+    stochastic = [0, 1] if sde_type == "cps" else [0, 1, 2]
+    assert policy.zero_variance_steps(3) == ([2] if sde_type == "cps" else [])
+    assert (traj.log_probs[:, stochastic] != 0).all() and (traj.log_probs[:, 2] == 0).all() == (sde_type == "cps")
+    rescored = torch.stack([policy.log_prob(traj, j) for j in stochastic], dim=1)
+    assert (rescored - traj.log_probs[:, stochastic]).abs().max() < 1e-5
+    default = load_policy(tiny_paths[family], **policy_kwargs(family))
+    other = default.sample(PROMPTS, num_steps=3, guidance_scale=3.0, eta=0.5, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(other.latents[:, 1], traj.latents[:, 1])  # a different sampler from the same noise
+
+    config = dict(num_epochs=1, sample_num_steps=3, sample_batch_size=4, sample_num_batches_per_epoch=1,
+                  num_samples_per_prompt=2, train_batch_size=4, mixed_precision="no", sample_guidance_scale=2.0,
+                  sample_eta=0.5, train_learning_rate=1e-2, output_dir=str(tmp_path / "run"), seed=0)
+    if sde_type == "cps":  # its last step lands on the image without noise: training it is refused by name
+        with pytest.raises(ValueError, match=r"step\(s\) \[2\] .*'cps'.*train_timestep_stop=-1"):
+            LOOPTrainer(LOOPConfig(**config), JpegCompressibility(), PROMPTS, policy)
+        with pytest.raises(ValueError, match=r"cps.*must lie in \(0, 1\], got 1.5"):
+            LOOPTrainer(LOOPConfig(**{**config, "sample_eta": 1.5, "train_timestep_stop": -1}), JpegCompressibility(),
+                        PROMPTS, policy)
+        config["train_timestep_stop"] = -1
+    trainer = LOOPTrainer(LOOPConfig(**config), JpegCompressibility(), PROMPTS, policy)
+    before = [p.detach().clone() for p in trainer.trainable_parameters]
+    trainer.step(0, 0)
+    assert trainer.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.trainable_parameters))
+    with pytest.raises(ValueError, match="sde_type must be one of flow_grpo, dance_grpo, cps, got 'sde'"):
+        load_policy(tiny_paths[family], sde_type="sde", **policy_kwargs(family))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_with_one_generator_per_sample_an_image_does_not_depend_on_its_batch(family, tiny_paths):
     policy = load_policy(tiny_paths[family], **policy_kwargs(family))

@@ -148,7 +148,7 @@ def test_zero_variance_steps_are_deterministic_and_refused_for_training(name, se
         return LOOPTrainer(config, JpegCompressibility(), ["a cat"], policy)
 
     if zero:
-        with pytest.raises(ValueError, match=r"step\(s\) \[3\] .* zero variance.*train_timestep_stop=-1"):
+        with pytest.raises(ValueError, match=r"step\(s\) \[3\] .* carry no noise.*train_timestep_stop=-1"):
             trainer()
     run = trainer(train_timestep_stop=-1) if zero else trainer()
     run.step(0, 0)

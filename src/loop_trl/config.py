@@ -150,7 +150,7 @@ class LOOPConfig:
 
     # Sampling
     sample_num_steps: int = field(default=50, metadata={"help": "Number of DDIM denoising steps T per image."})
-    sample_eta: float = field(default=1.0, metadata={"help": "The sampler's stochasticity (> 0): DDIM's eta for SD/SDXL, the flow SDE's noise level a for SD3/FLUX (Flow-GRPO uses 0.7). Each step's log-probability needs it > 0."})
+    sample_eta: float = field(default=1.0, metadata={"help": "The sampler's stochasticity (> 0): DDIM's eta for SD/SDXL; for SD3/FLUX the noise level a of the policy's flow sampler (its sde_type: Flow-GRPO's SDE uses 0.7, DanceGRPO's 0.3, CPS needs a in (0, 1]). Each step's log-probability needs it > 0."})
     sample_sde_window: bool = field(default=False, metadata={"help": "Sample stochastically only on the trainable steps range(sample_num_steps)[train_timestep_start:train_timestep_stop] and deterministically elsewhere (DDIM eta 0 / the Euler ODE step), as MixGRPO's SDE window and Flow-GRPO-Fast do: steps outside it carry no noise and are never trained."})
     sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale; 1.0 disables guidance."})
     sample_batch_size: int = field(default=8, metadata={"help": "Images per sampling batch per process; a multiple of num_samples_per_prompt."})

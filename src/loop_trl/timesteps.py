@@ -67,7 +67,8 @@ def refuse_untrainable_steps(zero_variance_steps: Sequence[int], train_steps: Se
     if untrainable:
         stop = untrainable[0] - num_steps if untrainable[0] < num_steps - 1 else -1
         raise ValueError(
-            f"Denoising step(s) {untrainable} of the {num_steps}-step schedule have zero variance under this "
-            f"pipeline's scheduler config (its last timestep is 0, e.g. timestep_spacing='leading' with "
-            f"steps_offset=0): they are deterministic and have no log-probability to train. Leave them out with "
-            f"train_timestep_stop={stop}, or set the scheduler's steps_offset=1 (as the released SD checkpoints do).")
+            f"Denoising step(s) {untrainable} of the {num_steps}-step schedule carry no noise under this policy's "
+            f"sampler, so they are deterministic and have no log-probability to train (DDIM: the schedule's last "
+            f"timestep is 0, e.g. timestep_spacing='leading' with steps_offset=0, fixed by the scheduler's "
+            f"steps_offset=1 as in the released SD checkpoints; the flow sampler 'cps': the step that lands at sigma "
+            f"0). Leave them out with train_timestep_stop={stop}.")

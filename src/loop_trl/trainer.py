@@ -80,8 +80,8 @@ class LOOPTrainer:
         # which denoising steps are trained, and each step's loss weight (mean 1 over those steps)
         self.train_steps = config.train_timesteps
         self.step_weights = normalized_step_weights(config.train_timestep_weights, config.sample_num_steps, self.train_steps)
-        refuse_untrainable_steps(self.policy.zero_variance_steps(config.sample_num_steps), self.train_steps,
-                                 config.sample_num_steps)
+        self.policy.check_sampling(config.sample_eta)
+        refuse_untrainable_steps(self.policy.zero_variance_steps(config.sample_num_steps), self.train_steps, config.sample_num_steps)
 
         self.accelerator = accelerator = make_accelerator(config)
         set_seed(config.seed, device_specific=True)

@@ -58,6 +58,8 @@ class Trajectories:
         guidance_scale: classifier-free (or, for FLUX, embedded) guidance used when sampling.
         eta: the sampler's stochasticity: DDIM's eta, or the flow SDE's noise level ``a``.
         sigmas: flow-matching models: the noise levels s_0 > ... > s_T visited, (B, T+1); None for DDIM.
+        sde_type: flow-matching models: the stochastic sampler (:data:`loop_trl.flow_sampling.FLOW_SDE_TYPES`);
+            None for DDIM.
     """
 
     prompts: list[str]
@@ -71,6 +73,7 @@ class Trajectories:
     guidance_scale: float
     eta: float
     sigmas: torch.Tensor | None = None
+    sde_type: str | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -225,6 +228,10 @@ class DiffusionPolicy(abc.ABC):
         when it is the checkpoint's own), and ``takes_eta`` (whether ``eta`` acts in that sampler)."""
         return dict(pipeline_class="DiffusionPipeline", module_name="unet", module_class="UNet2DConditionModel",
                     tags=[], takes_eta=False, scheduler_class=None, scheduler_kwargs={})
+
+    def check_sampling(self, eta: float) -> None:
+        """Raise ValueError if the policy's sampler cannot sample with stochasticity ``eta`` (the trainer asks
+        at construction, for ``sample_eta``)."""
 
     def zero_variance_steps(self, num_steps: int) -> list[int]:
         """Step indices of a ``num_steps``-step schedule whose transition carries no noise at any stochasticity

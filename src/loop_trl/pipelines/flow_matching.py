@@ -1,9 +1,9 @@
 """The sampling and scoring loop shared by rectified-flow transformers (SD3/3.5, FLUX.1).
 
 A family supplies four small pieces: prompt conditioning, the initial noise, the sigma
-schedule, and one velocity prediction; this class runs the stochastic SDE sampler with
-log-probabilities (:mod:`loop_trl.flow_sampling`) and re-scores stored transitions from the
-sigmas the trajectories store.
+schedule, and one velocity prediction; this class runs a stochastic flow sampler with
+log-probabilities (:mod:`loop_trl.flow_sampling`: Flow-GRPO's SDE, DanceGRPO's or CPS) and
+re-scores stored transitions from the sigmas the trajectories store.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ..flow_sampling import flow_ode_step, flow_sde_step_with_logprob
+from ..flow_sampling import FLOW_SDE_TYPES, check_noise_level, flow_ode_step, flow_sde_step_with_logprob
 from .base import Conditioning, StepDistribution, Trajectories
 from .diffusers_policy import DiffusersPolicy
 
@@ -22,13 +22,31 @@ __all__ = ["FlowMatchingPolicy"]
 
 
 class FlowMatchingPolicy(DiffusersPolicy):
-    """A rectified-flow transformer trained with the flow SDE sampler (Flow-GRPO's step).
+    """A rectified-flow transformer trained with a stochastic flow sampler.
 
-    The ``eta`` of the trainer's config (``sample_eta``) is the SDE's noise level ``a``
-    (Flow-GRPO uses 0.7). Images are sampled at ``resolution`` pixels square.
+    The ``eta`` of the trainer's config (``sample_eta``) is the sampler's noise level ``a``.
+    Images are sampled at ``resolution`` pixels square.
+
+    Args:
+        sde_type: the sampler (:mod:`loop_trl.flow_sampling`): ``"flow_grpo"`` (the default; Flow-GRPO's
+            SDE, which uses ``a = 0.7``), ``"dance_grpo"`` (a constant noise scale; DanceGRPO uses
+            ``a = 0.3``) or ``"cps"`` (coefficient-preserving sampling, ``a`` in (0, 1]; its last step is
+            deterministic, so train with ``train_timestep_stop=-1``).
     """
 
     module_name = "transformer"
+
+    def __init__(self, pipeline, *, sde_type: str = "flow_grpo", **kwargs):
+        if sde_type not in FLOW_SDE_TYPES:
+            raise ValueError(f"sde_type must be one of {', '.join(FLOW_SDE_TYPES)}, got {sde_type!r}.")
+        self.sde_type = sde_type
+        super().__init__(pipeline, **kwargs)
+
+    def check_sampling(self, eta: float) -> None:
+        check_noise_level(eta, self.sde_type)
+
+    def zero_variance_steps(self, num_steps: int) -> list[int]:
+        return [num_steps - 1] if self.sde_type == "cps" else []  # CPS adds no noise on the step that lands at 0
 
     def _setup_scheduler(self) -> None:
         if not isinstance(self.pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
@@ -77,11 +95,13 @@ class FlowMatchingPolicy(DiffusersPolicy):
         negative_prompt: str | None = None,
         stochastic_steps: Sequence[int] | None = None,
     ) -> Trajectories:
-        """Sample one image per prompt with the flow SDE (noise level ``eta``), recording log-probabilities.
+        """Sample one image per prompt with the flow sampler (noise level ``eta``), recording log-probabilities.
 
         All noise comes from ``generator`` (a CPU generator), so a seed fixes the result on any device.
-        Steps outside ``stochastic_steps`` (all steps when None) are Euler ODE steps with log-prob 0.
+        Steps outside ``stochastic_steps`` (all steps when None), and steps that carry no noise
+        (:meth:`zero_variance_steps`), are Euler ODE steps with log-prob 0.
         """
+        self.check_sampling(eta)
         device, transformer = self.device, self.trainable_module
         transformer.eval()  # the trainer puts it back in training mode for its passes
         prompts = list(prompts)
@@ -90,11 +110,12 @@ class FlowMatchingPolicy(DiffusersPolicy):
         sigmas = self._sigmas(num_steps, latents).to(device)
         batch_sigmas = sigmas.unsqueeze(0).expand(len(prompts), -1)
         all_latents, all_log_probs = [latents], []
+        deterministic = set(self.zero_variance_steps(num_steps))
         for i in range(num_steps):
             velocity = self._velocity(transformer, latents, batch_sigmas[:, i], cond, uncond, guidance_scale)
-            if stochastic_steps is None or i in stochastic_steps:
+            if (stochastic_steps is None or i in stochastic_steps) and i not in deterministic:
                 step = flow_sde_step_with_logprob(velocity, batch_sigmas[:, i], batch_sigmas[:, i + 1], latents, eta,
-                                                  generator=generator)
+                                                  sde_type=self.sde_type, generator=generator)
                 latents, log_prob = step.prev_sample, step.log_prob
             else:
                 latents = flow_ode_step(velocity, batch_sigmas[:, i], batch_sigmas[:, i + 1], latents)
@@ -113,6 +134,7 @@ class FlowMatchingPolicy(DiffusersPolicy):
             guidance_scale=guidance_scale,
             eta=eta,
             sigmas=batch_sigmas.clone(),
+            sde_type=self.sde_type,
         )
 
     def log_prob(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None, *,
@@ -127,7 +149,7 @@ class FlowMatchingPolicy(DiffusersPolicy):
 
     def step_distribution(self, trajectories: Trajectories, step: int | torch.Tensor, guidance_scale: float | None = None,
                           *, denoiser: torch.nn.Module | None = None) -> StepDistribution:
-        """The flow SDE step's Gaussian at the stored transition and the log-probability of its stored end."""
+        """The flow sampler's Gaussian at the stored transition and the log-probability of its stored end."""
         traj = trajectories
         step, latents, next_latents = traj.transition(step)
         sigma = traj.sigmas.gather(1, step[:, None]).squeeze(1)
@@ -135,5 +157,6 @@ class FlowMatchingPolicy(DiffusersPolicy):
         scale = traj.guidance_scale if guidance_scale is None else guidance_scale
         velocity = self._velocity(self.trainable_module if denoiser is None else denoiser, latents, sigma,
                                   traj.conditioning, traj.negative_conditioning, scale)
-        out = flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, prev_sample=next_latents)
+        out = flow_sde_step_with_logprob(velocity, sigma, sigma_next, latents, traj.eta, sde_type=traj.sde_type or "flow_grpo",
+                                         prev_sample=next_latents)
         return StepDistribution(out.log_prob, out.mean, out.std)
