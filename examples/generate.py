@@ -3,7 +3,7 @@
     python examples/generate.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --adapter you/sd15-loop-aesthetic --prompts "a cat" "a dog" --output_dir samples
 
-Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1): diffusers picks the pipeline class
+Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image): diffusers picks the pipeline class
 from the base model's model_index.json. By default it samples with the scheduler the adapter was
 trained with (DDIM for SD and SDXL, deterministic: --eta 0), as the model card does.
 """
@@ -34,7 +34,7 @@ class GenerateArguments:
     num_images: int = field(default=4, metadata={"help": "Images per prompt."})
     seed: int = field(default=0, metadata={"help": "Seed; the same seed with and without the adapter compares like with like."})
     num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps."})
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "The pipeline's own guidance scale (for most pipelines 1 turns guidance off; for ZImagePipeline 0 does, and loop-trl's sample_guidance_scale g is its g - 1)."})
     height: Optional[int] = field(default=None, metadata={"help": "Image height (default: the model's)."})
     width: Optional[int] = field(default=None, metadata={"help": "Image width (default: the model's)."})
     output_dir: str = field(default="samples", metadata={"help": "Where the PNGs and grid.png go."})

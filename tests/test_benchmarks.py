@@ -175,6 +175,9 @@ def test_gpu_benchmark_builds_the_published_model_sizes():
     assert sd35["text_encoder_3"] == 4_762_310_656  # T5 v1.1 XXL encoder
     flux = counts("flux_dev")
     assert abs(flux["transformer"] / 11.9e9 - 1) < 0.005 and flux["text_encoder_2"] == sd35["text_encoder_3"]
+    z_image = counts("z_image")  # Z-Image's report: a 6B-parameter DiT; Qwen3-4B's card: 4.0B parameters (embeddings tied)
+    assert abs(z_image["transformer"] / 6.0e9 - 1) < 0.03 and abs(z_image["text_encoder"] / 4.0e9 - 1) < 0.01
+    assert z_image["vae"] == flux["vae"]
 
 
 @pytest.mark.slow

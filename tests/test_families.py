@@ -13,7 +13,7 @@ import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
 from loop_trl.pipelines import (LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
-                                LOOPStableDiffusionXLPipeline, Trajectories)
+                                LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories)
 from loop_trl.rewards import JpegCompressibility
 from loop_trl.testing import save_tiny_pipeline
 
@@ -22,7 +22,9 @@ FAMILIES = {
     "stable-diffusion-xl": LOOPStableDiffusionXLPipeline,
     "stable-diffusion-3": LOOPStableDiffusion3Pipeline,
     "flux": LOOPFluxPipeline,
+    "z-image": LOOPZImagePipeline,
 }
+FLOW_FAMILIES = ("stable-diffusion-3", "flux", "z-image")
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -34,13 +36,13 @@ def tiny_paths(tmp_path_factory) -> dict[str, str]:
 
 def policy_kwargs(family: str) -> dict:
     kwargs = dict(resolution=32, lora_rank=4)
-    if family in ("stable-diffusion-3", "flux"):
+    if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
     return kwargs
 
 
 def eta_for(family: str) -> float:
-    return 0.7 if family in ("stable-diffusion-3", "flux") else 1.0
+    return 0.7 if family in FLOW_FAMILIES else 1.0
 
 
 def sample(policy, family, prompts=PROMPTS, seed=0, guidance=3.0) -> Trajectories:
@@ -91,7 +93,7 @@ def test_the_trainer_runs_each_family_unchanged(family, tiny_paths, tmp_path):
                         num_samples_per_prompt=2, train_batch_size=4, mixed_precision="no", sample_guidance_scale=2.0,
                         sample_eta=eta_for(family), train_learning_rate=1e-2, output_dir=str(tmp_path / "run"), seed=0,
                         # the flow families with an SDE window over steps 1-2 (Flow-GRPO-Fast / MixGRPO style)
-                        sample_sde_window=family in ("stable-diffusion-3", "flux"), train_timestep_start=1)
+                        sample_sde_window=family in FLOW_FAMILIES, train_timestep_start=1)
     policy = load_policy(tiny_paths[family], **policy_kwargs(family))
     trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, policy)
     before = [p.detach().clone() for p in trainer.trainable_parameters]
@@ -107,9 +109,10 @@ def test_the_trainer_runs_each_family_unchanged(family, tiny_paths, tmp_path):
 
 
 def _generate(pipe, family):
-    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt", height=32, width=32,
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0 + getattr(FAMILIES[family], "pipeline_guidance_offset", 0.0),
+                  output_type="pt", height=32, width=32,
                   generator=torch.Generator().manual_seed(0))
-    if family in ("stable-diffusion-3", "flux"):
+    if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
     return pipe("a red circle", **kwargs).images
 
@@ -204,7 +207,7 @@ def test_an_adapter_saved_by_diffusers_without_a_config_loads_as_diffusers_loads
     assert (theirs - _scored_by(policy, policy.trainable_module, traj)).abs().max() > 1e-3  # alpha 4, not 8
 
 
-@pytest.mark.parametrize("family", ["stable-diffusion-3", "flux"])
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
 def test_full_finetuning_of_a_transformer_saves_and_loads(family, tiny_paths, tmp_path):
     policy = load_policy(tiny_paths[family], use_lora=False, **policy_kwargs(family))
     params = policy.trainable_parameters()
@@ -326,14 +329,16 @@ def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family,
     assert type(pipe.scheduler) is type(policy.pipeline.scheduler)
     assert dict(pipe.scheduler.config) == dict(policy.pipeline.scheduler.config)
     assert ("eta=1.0" in code) == (family in ("stable-diffusion", "stable-diffusion-xl"))  # DDIM takes eta; the ODE has none
+    guidance = 3.0 + info.get("pipeline_guidance_offset", 0.0)  # ZImagePipeline's scale is loop-trl's minus 1
+    assert f"guidance_scale={guidance}" in code
 
     traj = policy.sample(PROMPTS, num_steps=3, guidance_scale=3.0, eta=eta_for(family),
                          generator=torch.Generator().manual_seed(0), stochastic_steps=[])
-    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt", height=32, width=32,
+    kwargs = dict(num_inference_steps=3, guidance_scale=guidance, output_type="pt", height=32, width=32,
                   latents=traj.latents[:, 0] / getattr(policy.pipeline.scheduler, "init_noise_sigma", 1.0))
     if info["takes_eta"]:
         kwargs["eta"] = 0.0
-    if family in ("stable-diffusion-3", "flux"):
+    if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
     theirs = pipe(PROMPTS, **kwargs).images
     torch.testing.assert_close(theirs, traj.images, atol=1e-4, rtol=0)

@@ -3,7 +3,7 @@
 Timings and memory do not depend on trained weights, so the GPU benchmark builds each model of
 the family at its real size from the configuration its Hub checkpoint ships: SD 1.5 (UNet, VAE
 and CLIP ViT-L text encoder), SD 3.5 Medium (MMDiT transformer, VAE, CLIP-L, CLIP-G and T5-XXL
-encoders) and FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL). The only stand-in is the
+encoders) and FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL) and Z-Image (6.2B DiT, VAE and Qwen3-4B). The only stand-in is the
 tokenizer: the byte-level one of :mod:`loop_trl.testing` (it needs no vocabulary files), which
 gives prompts a realistic token count; the text encoders keep their real vocabulary sizes.
 """
@@ -15,8 +15,9 @@ import torch
 from loop_trl.testing import TINY_BUILDERS, tiny_clip_tokenizer  # first: loop_trl quiets transformers' import notices
 from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+                       UNet2DConditionModel, ZImagePipeline, ZImageTransformer2DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3Model, T5Config,
+                          T5EncoderModel)
 
 __all__ = ["MODELS", "build_model"]
 
@@ -84,11 +85,29 @@ def build_flux_dev() -> FluxPipeline:
         text_encoder_2=_t5_xxl(tokenizer), tokenizer_2=tiny_clip_tokenizer())
 
 
+def build_z_image() -> ZImagePipeline:
+    """Tongyi-MAI/Z-Image's shapes: 6.2B-parameter single-stream DiT (diffusers' ZImageTransformer2DModel defaults
+    are the released config), FLUX.1's 16-channel VAE, Qwen3-4B as the text encoder. The tokenizer's chat
+    template is a plain one (the stand-in tokenizer has none); the scheduler's shift of 3 is not checked
+    against the release (timings do not depend on it)."""
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                          max_position_embeddings=40960, rope_theta=1_000_000.0,
+                                          pad_token_id=tokenizer.pad_token_id))
+    return ZImagePipeline(
+        transformer=ZImageTransformer2DModel(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder, tokenizer=tokenizer)
+
+
 #: model name -> (builder of the full-size pipeline, family of loop_trl.testing.TINY_BUILDERS for --dry_run, pixels)
 MODELS = {
     "sd15": (build_sd15, "stable-diffusion", 512),
     "sd35_medium": (build_sd35_medium, "stable-diffusion-3", 512),
     "flux_dev": (build_flux_dev, "flux", 512),
+    "z_image": (build_z_image, "z-image", 512),
 }
 
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu/run.py --output_dir benchmarks/results/gpu                  # on a GPU
     python benchmarks/gpu/run.py --dry_run --output_dir /tmp/gpu-dry                   # CPU, tiny models, one epoch
 
-For each model (SD 1.5 and SD 3.5 Medium by default, FLUX.1-dev with ``--models ... flux_dev``),
+For each model (SD 1.5 and SD 3.5 Medium by default, FLUX.1-dev and Z-Image with ``--models ... flux_dev z_image``),
 built at full size from its published config with random weights (see models.py; timings and
 memory need no trained weights, and the device machine cannot reach the Hub), it trains a LoRA
 in bf16 with TF32 matmuls and measures, for each variant:
@@ -123,6 +123,8 @@ class CallRecorder:
                     out = module(*args, **kwargs)
                     if grad:
                         first = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+                        if isinstance(first, list):  # Z-Image's transformer returns one tensor per sample
+                            first = torch.stack([f.float() for f in first])
                         first.float().square().mean().backward()
             seconds[phase] = clock(device) - started
         for module in self.modules.values():
@@ -161,7 +163,8 @@ def run_variant(args: argparse.Namespace, model: str, variant: str, device: torc
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     built = time.perf_counter()
     pipeline = build_model(model, device, dtype, tiny=args.dry_run)
-    policy = POLICY_CLASSES[type(pipeline).__name__](pipeline, lora_rank=args.lora_rank)
+    pixels = 32 if args.dry_run else MODELS[model][2]  # the tiny models are 32 px; the full-size ones MODELS' size
+    policy = POLICY_CLASSES[type(pipeline).__name__](pipeline, lora_rank=args.lora_rank, resolution=pixels)
     build_s = time.perf_counter() - built
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

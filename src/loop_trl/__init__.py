@@ -20,7 +20,7 @@ from .config import LOOPConfig
 from .objective import clipped_surrogate
 from .flow_sampling import flow_sde_step_with_logprob
 from .pipelines import (DiffusionPolicy, LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
-                        LOOPStableDiffusionXLPipeline, Trajectories, load_policy, policy_class_for)
+                        LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories, load_policy, policy_class_for)
 from .sampling import ddim_step_with_logprob
 from .trainer import LOOPTrainer
 
@@ -35,6 +35,7 @@ __all__ = [
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
     "LOOPStableDiffusionXLPipeline",
+    "LOOPZImagePipeline",
     "LOOPTrainer",
     "PerPromptStatTracker",
     "Trajectories",

@@ -23,7 +23,7 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
                     pipeline_class: str = "StableDiffusionPipeline", module_name: str = "unet",
                     module_class: str = "UNet2DConditionModel", tags: list[str] | tuple[str, ...] = ("stable-diffusion",),
                     takes_eta: bool = True, scheduler_class: str | None = "DDIMScheduler",
-                    scheduler_kwargs: dict | None = None) -> ModelCard:
+                    scheduler_kwargs: dict | None = None, pipeline_guidance_offset: float = 0.0) -> ModelCard:
     """A model card: base model, reward, K, the key settings, and how to load and sample the result.
 
     ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
@@ -33,8 +33,9 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     it), the settings the weights were trained for. ``module_name``/``module_class`` name the
     trained module for full fine-tuning. ``scheduler_class`` (with ``scheduler_kwargs``) is the
     scheduler the weights were trained with, set on the pipeline before sampling (SD 1.5's default
-    PNDM, for one, ignores ``eta``); None keeps the pipeline's own. A policy's ``model_card_info()``
-    gives all of these.
+    PNDM, for one, ignores ``eta``); None keeps the pipeline's own. ``pipeline_guidance_offset`` is what
+    the pipeline's ``guidance_scale`` adds to loop-trl's (-1 for ``ZImagePipeline``, whose 0 turns guidance
+    off). A policy's ``model_card_info()`` gives all of these.
     """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
@@ -52,11 +53,14 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
         extra = "".join(f", {key}={value!r}" for key, value in (scheduler_kwargs or {}).items())
         load += f"\npipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{extra})  # the sampler it was trained with"
     eta = f', eta={config.get("sample_eta", 1.0)}' if takes_eta else ""
+    guidance = config.get("sample_guidance_scale", 5.0)
     sample = (f'image = pipe("{example_prompt}", '
               f'num_inference_steps={config.get("sample_num_steps", 50)}, '
-              f'guidance_scale={config.get("sample_guidance_scale", 5.0)}{eta}).images[0]')
+              f'guidance_scale={guidance + pipeline_guidance_offset}{eta}).images[0]')
     if takes_eta:
         sample += "  # eta=0.0 samples deterministically"
+    if pipeline_guidance_offset:
+        sample += f"  # this pipeline's scale for loop-trl's sample_guidance_scale {guidance}"
     k = config.get("num_samples_per_prompt", "K")
     others = f"{k - 1}" if isinstance(k, int) else "K-1"
     card_data = ModelCardData(

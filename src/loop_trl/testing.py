@@ -15,12 +15,14 @@ import socket
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                        FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
-                          T5EncoderModel)
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, ZImagePipeline,
+                       ZImageTransformer2DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Qwen3Config,
+                          Qwen3Model, T5Config, T5EncoderModel)
 
 __all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_stable_diffusion", "build_tiny_stable_diffusion_3",
-           "build_tiny_stable_diffusion_xl", "save_tiny_pipeline", "save_tiny_stable_diffusion", "tiny_clip_tokenizer"]
+           "build_tiny_stable_diffusion_xl", "build_tiny_z_image", "save_tiny_pipeline", "save_tiny_stable_diffusion",
+           "tiny_clip_tokenizer"]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -183,12 +185,32 @@ def build_tiny_flux(seed: int = 0, sample_size: int = 32) -> FluxPipeline:
         text_encoder_2=_tiny_t5(tokenizer, hidden), tokenizer_2=tiny_clip_tokenizer())
 
 
+def build_tiny_z_image(seed: int = 0, sample_size: int = 32) -> ZImagePipeline:
+    """A randomly initialised Z-Image-shaped pipeline: single-stream DiT with refiner layers, a Qwen3
+    text encoder reading the byte-level tokenizer through a plain chat template, flow-matching
+    scheduler with Z-Image's static shift of 3."""
+    torch.manual_seed(seed)
+    tokenizer, hidden = tiny_clip_tokenizer(), 32
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=hidden, axes_dims=[8, 12, 12], axes_lens=[256, 256, 256])
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+                          vae=_tiny_vae(sample_size, shift_factor=0.1159, scaling_factor=0.3611),
+                          text_encoder=text_encoder, tokenizer=tokenizer)
+
+
 #: family name -> builder of a tiny pipeline of that family (all 32 px images)
 TINY_BUILDERS = {
     "stable-diffusion": build_tiny_stable_diffusion,
     "stable-diffusion-xl": build_tiny_stable_diffusion_xl,
     "stable-diffusion-3": build_tiny_stable_diffusion_3,
     "flux": build_tiny_flux,
+    "z-image": build_tiny_z_image,
 }
 
 

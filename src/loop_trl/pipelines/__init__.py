@@ -8,6 +8,7 @@ from .flux import LOOPFluxPipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
+from .z_image import LOOPZImagePipeline
 
 __all__ = [
     "DiffusersPolicy",
@@ -17,6 +18,7 @@ __all__ = [
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
     "LOOPStableDiffusionXLPipeline",
+    "LOOPZImagePipeline",
     "POLICY_CLASSES",
     "Trajectories",
     "load_policy",

@@ -1,4 +1,4 @@
-"""The sampling and scoring loop shared by rectified-flow transformers (SD3/3.5, FLUX.1).
+"""The sampling and scoring loop shared by rectified-flow transformers (SD3/3.5, FLUX.1, Z-Image).
 
 A family supplies four small pieces: prompt conditioning, the initial noise, the sigma
 schedule, and one velocity prediction; this class runs a stochastic flow sampler with
