@@ -3,7 +3,7 @@
     python examples/generate.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --adapter you/sd15-loop-aesthetic --prompts "a cat" "a dog" --output_dir samples
 
-Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image): diffusers picks the pipeline class
+Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image): diffusers picks the pipeline class
 from the base model's model_index.json. By default it samples with the scheduler the adapter was
 trained with (DDIM for SD and SDXL, deterministic: --eta 0), as the model card does.
 """
@@ -77,7 +77,7 @@ def main() -> None:
     for p, prompt in enumerate(args.prompts):
         generator = torch.Generator("cpu").manual_seed(args.seed + p)
         eta = {"eta": args.eta} if isinstance(pipe.scheduler, diffusers.DDIMScheduler) else {}  # only where it acts
-        images = pipe(prompt, num_images_per_prompt=args.num_images, generator=generator, height=args.height,
+        images = pipe(prompt=prompt, num_images_per_prompt=args.num_images, generator=generator, height=args.height,
                       width=args.width, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.guidance_scale, **eta).images
         for i, image in enumerate(images):

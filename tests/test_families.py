@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
-from loop_trl.pipelines import (LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
+from loop_trl.pipelines import (LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
                                 LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories)
 from loop_trl.rewards import JpegCompressibility
 from loop_trl.testing import save_tiny_pipeline
@@ -22,9 +22,10 @@ FAMILIES = {
     "stable-diffusion-xl": LOOPStableDiffusionXLPipeline,
     "stable-diffusion-3": LOOPStableDiffusion3Pipeline,
     "flux": LOOPFluxPipeline,
+    "flux2-klein": LOOPFlux2KleinPipeline,
     "z-image": LOOPZImagePipeline,
 }
-FLOW_FAMILIES = ("stable-diffusion-3", "flux", "z-image")
+FLOW_FAMILIES = ("stable-diffusion-3", "flux", "flux2-klein", "z-image")
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -114,7 +115,7 @@ def _generate(pipe, family):
                   generator=torch.Generator().manual_seed(0))
     if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
-    return pipe("a red circle", **kwargs).images
+    return pipe(prompt="a red circle", **kwargs).images
 
 
 def _scored_by(policy, module, traj) -> torch.Tensor:
@@ -340,5 +341,5 @@ def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family,
         kwargs["eta"] = 0.0
     if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
-    theirs = pipe(PROMPTS, **kwargs).images
+    theirs = pipe(prompt=PROMPTS, **kwargs).images
     torch.testing.assert_close(theirs, traj.images, atol=1e-4, rtol=0)

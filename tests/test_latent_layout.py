@@ -3,9 +3,10 @@ non-square shapes (skipped one by one once a diffusers release no longer has the
 
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusionXLPipeline
+from diffusers import Flux2KleinPipeline, FluxPipeline, StableDiffusionXLPipeline
 
-from loop_trl.pipelines.latent_layout import latent_image_ids, pack_latents, sdxl_add_time_ids, unpack_latents
+from loop_trl.pipelines.latent_layout import (flux2_patchify, flux2_positions, flux2_unpatchify, latent_image_ids,
+                                             pack_latents, sdxl_add_time_ids, unpack_latents)
 from loop_trl.testing import build_tiny_stable_diffusion_xl
 
 
@@ -32,6 +33,26 @@ def test_latent_image_ids_match_flux_pipeline(height, width):
     mine = latent_image_ids(height, width, "cpu", torch.bfloat16)
     assert mine.dtype == theirs.dtype
     torch.testing.assert_close(mine, theirs.reshape(mine.shape), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels, height, width", [(4, 8, 12), (16, 6, 2)])
+def test_flux2_patches_and_positions_match_its_pipeline(channels, height, width):
+    latents = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(1))
+    patches = diffusers_has(Flux2KleinPipeline, "_patchify_latents")(latents)
+    torch.testing.assert_close(flux2_patchify(latents), patches, rtol=0, atol=0)
+    torch.testing.assert_close(flux2_unpatchify(patches), diffusers_has(Flux2KleinPipeline, "_unpatchify_latents")(patches),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(flux2_unpatchify(patches), latents, rtol=0, atol=0)
+    image_ids = diffusers_has(Flux2KleinPipeline, "_prepare_latent_ids")(patches)
+    torch.testing.assert_close(flux2_positions(2, height=height // 2, width=width // 2), image_ids, rtol=0, atol=0)
+    text = torch.zeros(3, 7, 5)
+    text_ids = diffusers_has(Flux2KleinPipeline, "_prepare_text_ids")(text)
+    torch.testing.assert_close(flux2_positions(3, length=7), text_ids, rtol=0, atol=0)
+    # its packing is a plain flattening of the patch grid, which the position ids above index row by row
+    packed = diffusers_has(Flux2KleinPipeline, "_pack_latents")(patches)
+    torch.testing.assert_close(packed, patches.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    unpacked = diffusers_has(Flux2KleinPipeline, "_unpack_latents_with_ids")(packed, image_ids, height // 2, width // 2)
+    torch.testing.assert_close(unpacked, patches, rtol=0, atol=0)
 
 
 def test_sdxl_time_ids_match_the_pipeline_and_refuse_a_mismatched_unet():

@@ -115,7 +115,7 @@ def test_saved_adapter_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_sd_p
     assert "base_model:" in card and "JpegCompressibility" in card and "load_lora_weights" in card
     # the loading snippet samples with the run's settings, and K-1 reads as a number
     assert "num_inference_steps=3, guidance_scale=2.0, eta=1.0" in card and "the other 3 images" in card
-    assert 'pipe("a red circle"' in card  # a prompt of the run, not an unrelated placeholder
+    assert 'pipe(prompt="a red circle"' in card  # a prompt of the run, not an unrelated placeholder
 
     def generate(pipe):
         return pipe("a red circle", num_inference_steps=3, guidance_scale=2.0, output_type="pt", height=32, width=32,

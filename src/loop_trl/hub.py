@@ -54,7 +54,7 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
         load += f"\npipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{extra})  # the sampler it was trained with"
     eta = f', eta={config.get("sample_eta", 1.0)}' if takes_eta else ""
     guidance = config.get("sample_guidance_scale", 5.0)
-    sample = (f'image = pipe("{example_prompt}", '
+    sample = (f'image = pipe(prompt="{example_prompt}", '
               f'num_inference_steps={config.get("sample_num_steps", 50)}, '
               f'guidance_scale={guidance + pipeline_guidance_offset}{eta}).images[0]')
     if takes_eta:

@@ -13,14 +13,15 @@ import os
 import socket
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       Flux2KleinPipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, ZImagePipeline,
                        ZImageTransformer2DModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Qwen3Config,
-                          Qwen3Model, T5Config, T5EncoderModel)
+                          Qwen3ForCausalLM, Qwen3Model, T5Config, T5EncoderModel)
 
-__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_stable_diffusion", "build_tiny_stable_diffusion_3",
+__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_flux2_klein", "build_tiny_stable_diffusion",
+           "build_tiny_stable_diffusion_3",
            "build_tiny_stable_diffusion_xl", "build_tiny_z_image", "save_tiny_pipeline", "save_tiny_stable_diffusion",
            "tiny_clip_tokenizer"]
 
@@ -185,6 +186,27 @@ def build_tiny_flux(seed: int = 0, sample_size: int = 32) -> FluxPipeline:
         text_encoder_2=_tiny_t5(tokenizer, hidden), tokenizer_2=tiny_clip_tokenizer())
 
 
+def build_tiny_flux2_klein(seed: int = 0, sample_size: int = 32) -> Flux2KleinPipeline:
+    """A randomly initialised FLUX.2 [klein]-shaped pipeline (the base model, with guidance): a transformer with
+    one double- and one single-stream block, a 28-layer Qwen3 (three of its hidden layers make the prompt, as
+    the pipeline reads them) on the byte-level tokenizer, the batch-normalised FLUX.2 VAE."""
+    torch.manual_seed(seed)
+    tokenizer, hidden = tiny_clip_tokenizer(), 16
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                             sample_size=sample_size)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * hidden, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
 def build_tiny_z_image(seed: int = 0, sample_size: int = 32) -> ZImagePipeline:
     """A randomly initialised Z-Image-shaped pipeline: single-stream DiT with refiner layers, a Qwen3
     text encoder reading the byte-level tokenizer through a plain chat template, flow-matching
@@ -210,6 +232,7 @@ TINY_BUILDERS = {
     "stable-diffusion-xl": build_tiny_stable_diffusion_xl,
     "stable-diffusion-3": build_tiny_stable_diffusion_3,
     "flux": build_tiny_flux,
+    "flux2-klein": build_tiny_flux2_klein,
     "z-image": build_tiny_z_image,
 }
 

@@ -5,6 +5,7 @@ from .base import DiffusionPolicy, Trajectories
 from .diffusers_policy import DiffusersPolicy
 from .flow_matching import FlowMatchingPolicy
 from .flux import LOOPFluxPipeline
+from .flux2 import LOOPFlux2KleinPipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
@@ -14,6 +15,7 @@ __all__ = [
     "DiffusersPolicy",
     "DiffusionPolicy",
     "FlowMatchingPolicy",
+    "LOOPFlux2KleinPipeline",
     "LOOPFluxPipeline",
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",

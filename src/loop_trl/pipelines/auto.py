@@ -7,6 +7,7 @@ import os
 
 from .diffusers_policy import DiffusersPolicy
 from .flux import LOOPFluxPipeline
+from .flux2 import LOOPFlux2KleinPipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
@@ -18,7 +19,7 @@ __all__ = ["POLICY_CLASSES", "load_policy", "policy_class_for"]
 POLICY_CLASSES: dict[str, type[DiffusersPolicy]] = {
     cls.pipeline_class.__name__: cls
     for cls in (LOOPStableDiffusionPipeline, LOOPStableDiffusionXLPipeline, LOOPStableDiffusion3Pipeline, LOOPFluxPipeline,
-                LOOPZImagePipeline)
+                LOOPFlux2KleinPipeline, LOOPZImagePipeline)
 }
 
 
@@ -45,7 +46,7 @@ def policy_class_for(name_or_path: str, revision: str | None = None) -> type[Dif
 
 
 def load_policy(name_or_path: str, *, revision: str | None = None, **kwargs) -> DiffusersPolicy:
-    """Load any supported pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image) as the right LOOP policy.
+    """Load any supported pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image) as the right LOOP policy.
 
     ``kwargs`` go to the policy's ``from_pretrained`` (``torch_dtype``, ``use_lora``, ``lora_rank``,
     ``lora_alpha``, ``lora_target_modules``, ``adapter``, ``lora_seed``, ``resolution``, ...).

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "sdxl_add_time_ids"]
+__all__ = ["flux2_patchify", "flux2_positions", "flux2_unpatchify", "latent_image_ids", "pack_latents", "sdxl_add_time_ids",
+           "unpack_latents"]
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -48,3 +49,24 @@ def sdxl_add_time_ids(unet, original_size: tuple[int, int], crop_top_left: tuple
                          f"embedding give {given}: this UNet does not take SDXL's micro-conditioning as built here "
                          "(an SDXL refiner, for one, takes an aesthetic score instead of the target size).")
     return torch.tensor([ids], dtype=torch.float32)
+
+
+def flux2_patchify(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) VAE latents -> (B, 4C, H/2, W/2): each 2x2 patch's values as channels.
+    Mirrors diffusers' ``Flux2Pipeline._patchify_latents``."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+
+def flux2_unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`flux2_patchify`. Mirrors diffusers' ``Flux2Pipeline._unpatchify_latents``."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+
+def flux2_positions(batch: int, time: int = 1, height: int = 1, width: int = 1, length: int = 1) -> torch.Tensor:
+    """(B, time * height * width * length, 4) integer coordinates (t, h, w, l), the last varying fastest:
+    FLUX.2's rotary positions of image tokens (``length=1``) and of text tokens (``time = height = width = 1``).
+    Mirrors diffusers' ``Flux2Pipeline._prepare_latent_ids`` and ``_prepare_text_ids``."""
+    grid = torch.cartesian_prod(torch.arange(time), torch.arange(height), torch.arange(width), torch.arange(length))
+    return grid.unsqueeze(0).expand(batch, -1, -1)
