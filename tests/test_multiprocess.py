@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop_trl.testing import free_port
+from loop_trl.testing import free_port, save_tiny_pipeline
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "two_process_run.py")
@@ -15,11 +15,12 @@ DDP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "ddp.yaml")
 
 
-def launch_two(sd_path, out, mode="full"):
+def launch_two(sd_path, out, mode="full", policy_kwargs=None):
     """`accelerate launch` with the shipped DDP config (examples/accelerate_configs/ddp.yaml), 2 processes, on
     the CPU (the trainer forms a gloo group)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", str(free_port()), SCRIPT, sd_path, str(out), mode]
+               "--mixed_precision", "no", "--main_process_port", str(free_port()), SCRIPT, sd_path, str(out), mode,
+               json.dumps(policy_kwargs or {})]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
@@ -42,6 +43,18 @@ def test_two_processes_keep_groups_whole_and_weights_in_sync(two_process_run):
         # per epoch: 2 processes x 2 batches x 2 prompts = 8 groups, each of K=4 samples from one process
         assert report["groups"] == [[[4, 1]] * 8, [[4, 1]] * 8]
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_2026_transformer_family_in_sync(tmp_path):
+    """Z-Image (variable-length prompts stored padded with their mask) under DDP: one epoch, the same checks."""
+    path = save_tiny_pipeline(tmp_path / "z-image", "z-image")
+    out = tmp_path / "run"
+    out.mkdir()
+    for report in launch_two(path, out, "first", {"resolution": 32, "max_sequence_length": 16}):
+        assert report["world"] == 2 and report["steps"] == 4 and len(report["weight_spread"]) == 4
+        assert max(report["weight_spread"]) == 0.0
+        assert report["groups"] == [[[4, 1]] * 8]
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` (CPU): a tiny LOOP run that checks itself.
 
-    two_process_run.py SD_PATH OUT [full|first|resume]
+    two_process_run.py MODEL_PATH OUT [full|first|resume] [POLICY_KWARGS_JSON]
+
+MODEL_PATH is any supported pipeline folder (loaded with ``load_policy`` and POLICY_KWARGS_JSON).
 
 After every optimizer step it gathers a fingerprint of the trainable weights from both ranks;
 after every epoch it checks that the gathered group ids form whole groups of K samples that each
@@ -16,11 +18,12 @@ import sys
 
 import torch
 
-from loop_trl import LOOPConfig, LOOPStableDiffusionPipeline, LOOPTrainer
+from loop_trl import LOOPConfig, LOOPTrainer, load_policy
 from loop_trl.rewards import JpegCompressibility
 
 sd_path, out = sys.argv[1], sys.argv[2]
 mode = sys.argv[3] if len(sys.argv) > 3 else "full"  # full | first (stop after epoch 1) | resume
+policy_kwargs = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 torch.use_deterministic_algorithms(True)
 
 
@@ -37,7 +40,7 @@ config = LOOPConfig(num_epochs=2, resume_from="latest" if mode == "resume" else 
                     train_batch_size=4, mixed_precision="no", output_dir=out, train_learning_rate=1e-2,
                     sample_guidance_scale=2.0, seed=0, eval_num_images_per_prompt=3)
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
-trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, LOOPStableDiffusionPipeline.from_pretrained(sd_path),
+trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, load_policy(sd_path, **policy_kwargs),
                       eval_prompts=PROMPTS)
 accelerator = trainer.accelerator
 report = {"rank": accelerator.process_index, "world": accelerator.num_processes, "weight_spread": [], "groups": []}
