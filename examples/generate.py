@@ -3,7 +3,7 @@
     python examples/generate.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --adapter you/sd15-loop-aesthetic --prompts "a cat" "a dog" --output_dir samples
 
-Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image): diffusers picks the pipeline class
+Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image): diffusers picks the pipeline class
 from the base model's model_index.json. By default it samples with the scheduler the adapter was
 trained with (DDIM for SD and SDXL, deterministic: --eta 0), as the model card does.
 """
@@ -34,7 +34,7 @@ class GenerateArguments:
     num_images: int = field(default=4, metadata={"help": "Images per prompt."})
     seed: int = field(default=0, metadata={"help": "Seed; the same seed with and without the adapter compares like with like."})
     num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps."})
-    guidance_scale: float = field(default=5.0, metadata={"help": "The pipeline's own guidance scale (for most pipelines 1 turns guidance off; for ZImagePipeline 0 does, and loop-trl's sample_guidance_scale g is its g - 1)."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "The pipeline's own guidance scale (for most pipelines 1 turns guidance off; for ZImagePipeline 0 does, and loop-trl's sample_guidance_scale g is its g - 1; for QwenImagePipeline it is passed as true_cfg_scale, with the negative prompt " ")."})
     height: Optional[int] = field(default=None, metadata={"help": "Image height (default: the model's)."})
     width: Optional[int] = field(default=None, metadata={"help": "Image width (default: the model's)."})
     output_dir: str = field(default="samples", metadata={"help": "Where the PNGs and grid.png go."})
@@ -76,10 +76,13 @@ def main() -> None:
     rows = []
     for p, prompt in enumerate(args.prompts):
         generator = torch.Generator("cpu").manual_seed(args.seed + p)
-        eta = {"eta": args.eta} if isinstance(pipe.scheduler, diffusers.DDIMScheduler) else {}  # only where it acts
+        extra = {"eta": args.eta} if isinstance(pipe.scheduler, diffusers.DDIMScheduler) else {}  # only where it acts
+        if isinstance(pipe, diffusers.QwenImagePipeline) and not pipe.transformer.config.guidance_embeds:
+            extra.update(true_cfg_scale=args.guidance_scale, negative_prompt=" ")  # its classifier-free guidance
+        else:
+            extra["guidance_scale"] = args.guidance_scale
         images = pipe(prompt=prompt, num_images_per_prompt=args.num_images, generator=generator, height=args.height,
-                      width=args.width, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, **eta).images
+                      width=args.width, num_inference_steps=args.num_inference_steps, **extra).images
         for i, image in enumerate(images):
             image.save(os.path.join(args.output_dir, f"{p:03d}_{i:02d}.png"))
         rows.append(images)

@@ -7,7 +7,7 @@
     accelerate launch examples/train_aesthetic.py --reward hpsv2      # or pickscore, imagereward, clipscore, ...
     accelerate launch examples/train_aesthetic.py --push_to_hub --hub_model_id you/sd15-loop-aesthetic
 
-The model family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image) is read from the checkpoint's model_index.json.
+The model family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image) is read from the checkpoint's model_index.json.
 
 Every option of LOOPConfig and of ScriptArguments below is a flag; --help lists them all.
 """
@@ -42,7 +42,7 @@ class ScriptArguments:
     """Model, LoRA, reward and prompt options of this script (LOOPConfig holds the rest)."""
 
     pretrained_model: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format, of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image)."})
+                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format, of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image)."})
     pretrained_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the full UNet / transformer (False)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
@@ -50,7 +50,7 @@ class ScriptArguments:
     lora_target_modules: Optional[str] = field(default=None, metadata={"help": "Comma-separated module names that get LoRA layers; default: the family's (as diffusers' LoRA training scripts)."})
     resolution: Optional[int] = field(default=None, metadata={"help": "Image height and width in pixels; default: the model's own (512 for SD 1.5, 1024 for SDXL, SD3.5 and FLUX.1)."})
     load_dtype: str = field(default="fp32", metadata={"help": "dtype the base weights load in: 'fp32', 'bf16' or 'fp16' (bf16 halves the memory of loading a large model; trained weights are fp32 either way)."})
-    sde_type: Optional[str] = field(default=None, metadata={"help": "Flow families (SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image): the stochastic sampler trained with: 'flow_grpo' (Flow-GRPO's SDE, the default; --sample_eta 0.7), 'dance_grpo' (DanceGRPO's constant noise scale; --sample_eta 0.3) or 'cps' (coefficient-preserving sampling, --sample_eta in (0, 1], with --train_timestep_stop -1 or lower). Not used by SD 1.x/2.x and SDXL (DDIM)."})
+    sde_type: Optional[str] = field(default=None, metadata={"help": "Flow families (SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image): the stochastic sampler trained with: 'flow_grpo' (Flow-GRPO's SDE, the default; --sample_eta 0.7), 'dance_grpo' (DanceGRPO's constant noise scale; --sample_eta 0.3) or 'cps' (coefficient-preserving sampling, --sample_eta in (0, 1], with --train_timestep_stop -1 or lower). Not used by SD 1.x/2.x and SDXL (DDIM)."})
     init_adapter: Optional[str] = field(default=None, metadata={"help": "Start from this LoRA adapter (folder or Hub id) instead of a new one."})
     reward: str = field(default="aesthetic", metadata={"help": "The reward: 'aesthetic' (LAION aesthetic predictor), 'jpeg_compressibility', 'jpeg_incompressibility', 'clipscore', 'pickscore', 'hpsv2', 'imagereward', 'ocr' (docs/rewards.md), or module:callable for your own (a class is built without arguments)."})
     aesthetic_clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP model (Hub id or folder) of the aesthetic reward."})

@@ -178,6 +178,8 @@ def test_gpu_benchmark_builds_the_published_model_sizes():
     z_image = counts("z_image")  # Z-Image's report: a 6B-parameter DiT; Qwen3-4B's card: 4.0B parameters (embeddings tied)
     assert abs(z_image["transformer"] / 6.0e9 - 1) < 0.03 and abs(z_image["text_encoder"] / 4.0e9 - 1) < 0.01
     assert z_image["vae"] == flux["vae"]
+    qwen = counts("qwen_image")  # Qwen-Image's report: a 20B MMDiT; Qwen2.5-VL-7B-Instruct's card: 8.29B parameters
+    assert abs(qwen["transformer"] / 20.0e9 - 1) < 0.03 and abs(qwen["text_encoder"] / 8.29e9 - 1) < 0.001
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def test_every_example_config_parses_and_validates(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["stable-diffusion-3"])  # FLUX takes the same path (tests/test_families.py)
+@pytest.mark.parametrize("family", ["stable-diffusion-3", "qwen-image"])  # the others: tests/test_families.py
 def test_aesthetic_example_trains_a_flow_model_and_generate_loads_it(tmp_path, family):
     """The family comes from the checkpoint: the same commands train and sample a flow model."""
     run("-m", "loop_trl.testing", "tiny", "--family", family, cwd=tmp_path)
@@ -118,7 +118,7 @@ def test_aesthetic_example_trains_a_flow_model_and_generate_loads_it(tmp_path, f
         "--sample_eta", "0.7", "--resolution", "32", "--sample_batch_size", "8", "--train_batch_size", "4",
         "--output_dir", "tiny-run", cwd=tmp_path)
     card = (tmp_path / "tiny-run" / "README.md").read_text()
-    assert ("FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline") in card
+    assert {"stable-diffusion-3": "StableDiffusion3Pipeline", "qwen-image": "QwenImagePipeline"}[family] in card
     out = run(os.path.join(ROOT, "examples", "generate.py"), "--base", "tiny", "--adapter", "tiny-run", "--prompts",
               "a cat", "--num_inference_steps", "3", "--height", "32", "--width", "32", "--num_images", "2",
               "--output_dir", "samples", cwd=tmp_path)

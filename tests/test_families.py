@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
-from loop_trl.pipelines import (LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
+from loop_trl.pipelines import (LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPQwenImagePipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
                                 LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories)
 from loop_trl.rewards import JpegCompressibility
 from loop_trl.testing import save_tiny_pipeline
@@ -23,9 +23,10 @@ FAMILIES = {
     "stable-diffusion-3": LOOPStableDiffusion3Pipeline,
     "flux": LOOPFluxPipeline,
     "flux2-klein": LOOPFlux2KleinPipeline,
+    "qwen-image": LOOPQwenImagePipeline,
     "z-image": LOOPZImagePipeline,
 }
-FLOW_FAMILIES = ("stable-diffusion-3", "flux", "flux2-klein", "z-image")
+FLOW_FAMILIES = ("stable-diffusion-3", "flux", "flux2-klein", "qwen-image", "z-image")
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -109,10 +110,16 @@ def test_the_trainer_runs_each_family_unchanged(family, tiny_paths, tmp_path):
     assert ("eta=" in card) == (family in ("stable-diffusion", "stable-diffusion-xl"))  # the flow pipelines take no eta
 
 
+def _guidance_kwargs(family, scale=3.0):
+    """How each plain pipeline is told loop-trl's guidance ``scale`` (independent of the model cards' own way)."""
+    if family == "qwen-image":  # QwenImagePipeline's classifier-free guidance needs a negative prompt
+        return {"true_cfg_scale": scale, "negative_prompt": " "}
+    return {"guidance_scale": scale - 1.0 if family == "z-image" else scale}  # ZImagePipeline: pos + w (pos - neg)
+
+
 def _generate(pipe, family):
-    kwargs = dict(num_inference_steps=3, guidance_scale=3.0 + getattr(FAMILIES[family], "pipeline_guidance_offset", 0.0),
-                  output_type="pt", height=32, width=32,
-                  generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=3, output_type="pt", height=32, width=32, generator=torch.Generator().manual_seed(0),
+                  **_guidance_kwargs(family))
     if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
     return pipe(prompt="a red circle", **kwargs).images
@@ -330,12 +337,12 @@ def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family,
     assert type(pipe.scheduler) is type(policy.pipeline.scheduler)
     assert dict(pipe.scheduler.config) == dict(policy.pipeline.scheduler.config)
     assert ("eta=1.0" in code) == (family in ("stable-diffusion", "stable-diffusion-xl"))  # DDIM takes eta; the ODE has none
-    guidance = 3.0 + info.get("pipeline_guidance_offset", 0.0)  # ZImagePipeline's scale is loop-trl's minus 1
-    assert f"guidance_scale={guidance}" in code
+    guidance = _guidance_kwargs(family)
+    assert ", ".join(f"{key}={value!r}" for key, value in guidance.items()) in code  # how the card tells the pipeline
 
     traj = policy.sample(PROMPTS, num_steps=3, guidance_scale=3.0, eta=eta_for(family),
                          generator=torch.Generator().manual_seed(0), stochastic_steps=[])
-    kwargs = dict(num_inference_steps=3, guidance_scale=guidance, output_type="pt", height=32, width=32,
+    kwargs = dict(num_inference_steps=3, **guidance, output_type="pt", height=32, width=32,
                   latents=traj.latents[:, 0] / getattr(policy.pipeline.scheduler, "init_noise_sigma", 1.0))
     if info["takes_eta"]:
         kwargs["eta"] = 0.0

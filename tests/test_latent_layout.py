@@ -3,7 +3,7 @@ non-square shapes (skipped one by one once a diffusers release no longer has the
 
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline, FluxPipeline, StableDiffusionXLPipeline
+from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusionXLPipeline
 
 from loop_trl.pipelines.latent_layout import (flux2_patchify, flux2_positions, flux2_unpatchify, latent_image_ids,
                                              pack_latents, sdxl_add_time_ids, unpack_latents)
@@ -25,6 +25,15 @@ def test_pack_and_unpack_match_flux_pipeline(channels, height, width):
     unpacked = diffusers_has(FluxPipeline, "_unpack_latents")(theirs, height * scale, width * scale, scale)
     torch.testing.assert_close(unpack_latents(theirs, height * scale, width * scale, scale), unpacked, rtol=0, atol=0)
     torch.testing.assert_close(unpacked, latents, rtol=0, atol=0)  # and the round trip is exact
+
+
+def test_qwen_image_packs_as_flux_does():
+    """LOOPQwenImagePipeline reuses the FLUX.1 packing: QwenImagePipeline's own (its unpacking adds a frames axis)."""
+    latents = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(2))
+    theirs = diffusers_has(QwenImagePipeline, "_pack_latents")(latents, 2, 4, 6, 10)
+    torch.testing.assert_close(pack_latents(latents), theirs, rtol=0, atol=0)
+    unpacked = diffusers_has(QwenImagePipeline, "_unpack_latents")(theirs, 6 * 8, 10 * 8, 8)
+    torch.testing.assert_close(unpack_latents(theirs, 6 * 8, 10 * 8, 8), unpacked[:, :, 0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("height, width", [(4, 6), (8, 8), (1, 3)])

@@ -3,7 +3,7 @@
 Timings and memory do not depend on trained weights, so the GPU benchmark builds each model of
 the family at its real size from the configuration its Hub checkpoint ships: SD 1.5 (UNet, VAE
 and CLIP ViT-L text encoder), SD 3.5 Medium (MMDiT transformer, VAE, CLIP-L, CLIP-G and T5-XXL
-encoders) and FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL) and Z-Image (6.2B DiT, VAE and Qwen3-4B). The only stand-in is the
+encoders) and FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL) Z-Image (6.2B DiT, VAE and Qwen3-4B) and Qwen-Image (20.4B MMDiT, video VAE and Qwen2.5-VL-7B). The only stand-in is the
 tokenizer: the byte-level one of :mod:`loop_trl.testing` (it needs no vocabulary files), which
 gives prompts a realistic token count; the text encoders keep their real vocabulary sizes.
 """
@@ -15,9 +15,10 @@ import torch
 from loop_trl.testing import TINY_BUILDERS, tiny_clip_tokenizer  # first: loop_trl quiets transformers' import notices
 from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel, ZImagePipeline, ZImageTransformer2DModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3Model, T5Config,
-                          T5EncoderModel)
+                       UNet2DConditionModel, ZImagePipeline, ZImageTransformer2DModel, AutoencoderKLQwenImage,
+                       QwenImagePipeline, QwenImageTransformer2DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel)
 
 __all__ = ["MODELS", "build_model"]
 
@@ -102,12 +103,32 @@ def build_z_image() -> ZImagePipeline:
         text_encoder=text_encoder, tokenizer=tokenizer)
 
 
+def build_qwen_image() -> QwenImagePipeline:
+    """Qwen/Qwen-Image's shapes: 20.4B-parameter MMDiT (diffusers' QwenImageTransformer2DModel defaults are the
+    released config), its causal video VAE, and Qwen2.5-VL-7B-Instruct as the text encoder (vision tower included,
+    as the checkpoint ships it). The stand-in tokenizer leaves room for the pipeline's prompt template."""
+    tokenizer = tiny_clip_tokenizer(model_max_length=1100)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rope_theta=1_000_000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        pad_token_id=tokenizer.pad_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192)
+    return QwenImagePipeline(transformer=QwenImageTransformer2DModel(), scheduler=scheduler, vae=AutoencoderKLQwenImage(),
+                             text_encoder=text_encoder, tokenizer=tokenizer)
+
+
 #: model name -> (builder of the full-size pipeline, family of loop_trl.testing.TINY_BUILDERS for --dry_run, pixels)
 MODELS = {
     "sd15": (build_sd15, "stable-diffusion", 512),
     "sd35_medium": (build_sd35_medium, "stable-diffusion-3", 512),
     "flux_dev": (build_flux_dev, "flux", 512),
     "z_image": (build_z_image, "z-image", 512),
+    "qwen_image": (build_qwen_image, "qwen-image", 512),
 }
 
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu/run.py --output_dir benchmarks/results/gpu                  # on a GPU
     python benchmarks/gpu/run.py --dry_run --output_dir /tmp/gpu-dry                   # CPU, tiny models, one epoch
 
-For each model (SD 1.5 and SD 3.5 Medium by default, FLUX.1-dev and Z-Image with ``--models ... flux_dev z_image``),
+For each model (SD 1.5 and SD 3.5 Medium by default, FLUX.1-dev, Z-Image and Qwen-Image with ``--models ... flux_dev z_image qwen_image``),
 built at full size from its published config with random weights (see models.py; timings and
 memory need no trained weights, and the device machine cannot reach the Hub), it trains a LoRA
 in bf16 with TF32 matmuls and measures, for each variant:
@@ -102,7 +102,11 @@ class CallRecorder:
 
     def _hook(self, name: str):
         def record(module, args, kwargs):
-            detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+            def detach(x):  # lists are copied: Qwen-Image's VAE decoder fills its cache lists in place
+                if isinstance(x, list):
+                    return [detach(v) for v in x]
+                return x.detach() if isinstance(x, torch.Tensor) else x
+
             self.calls.append((name, torch.is_grad_enabled(), [detach(a) for a in args],
                                {k: detach(v) for k, v in kwargs.items()}))
         return record

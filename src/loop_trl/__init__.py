@@ -19,7 +19,8 @@ from .callbacks import ImageSamplesCallback, LOOPCallback
 from .config import LOOPConfig
 from .objective import clipped_surrogate
 from .flow_sampling import flow_sde_step_with_logprob
-from .pipelines import (DiffusionPolicy, LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
+from .pipelines import (DiffusionPolicy, LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPQwenImagePipeline,
+                        LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
                         LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories, load_policy, policy_class_for)
 from .sampling import ddim_step_with_logprob
 from .trainer import LOOPTrainer
@@ -33,6 +34,7 @@ __all__ = [
     "LOOPConfig",
     "LOOPFlux2KleinPipeline",
     "LOOPFluxPipeline",
+    "LOOPQwenImagePipeline",
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
     "LOOPStableDiffusionXLPipeline",

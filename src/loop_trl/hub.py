@@ -23,7 +23,8 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
                     pipeline_class: str = "StableDiffusionPipeline", module_name: str = "unet",
                     module_class: str = "UNet2DConditionModel", tags: list[str] | tuple[str, ...] = ("stable-diffusion",),
                     takes_eta: bool = True, scheduler_class: str | None = "DDIMScheduler",
-                    scheduler_kwargs: dict | None = None, pipeline_guidance_offset: float = 0.0) -> ModelCard:
+                    scheduler_kwargs: dict | None = None, pipeline_guidance_offset: float = 0.0,
+                    guidance_argument: str = "guidance_scale", extra_call_kwargs: dict | None = None) -> ModelCard:
     """A model card: base model, reward, K, the key settings, and how to load and sample the result.
 
     ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
@@ -35,7 +36,9 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     scheduler the weights were trained with, set on the pipeline before sampling (SD 1.5's default
     PNDM, for one, ignores ``eta``); None keeps the pipeline's own. ``pipeline_guidance_offset`` is what
     the pipeline's ``guidance_scale`` adds to loop-trl's (-1 for ``ZImagePipeline``, whose 0 turns guidance
-    off). A policy's ``model_card_info()`` gives all of these.
+    off); ``guidance_argument`` is the pipeline's name for it (``true_cfg_scale`` for ``QwenImagePipeline``)
+    and ``extra_call_kwargs`` what else the pipeline needs to sample as trained (Qwen-Image's negative
+    prompt). A policy's ``model_card_info()`` gives all of these.
     """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
@@ -56,7 +59,8 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     guidance = config.get("sample_guidance_scale", 5.0)
     sample = (f'image = pipe(prompt="{example_prompt}", '
               f'num_inference_steps={config.get("sample_num_steps", 50)}, '
-              f'guidance_scale={guidance + pipeline_guidance_offset}{eta}).images[0]')
+              f'{guidance_argument}={guidance + pipeline_guidance_offset}{eta}'
+              + "".join(f", {key}={value!r}" for key, value in (extra_call_kwargs or {}).items()) + ').images[0]')
     if takes_eta:
         sample += "  # eta=0.0 samples deterministically"
     if pipeline_guidance_offset:

@@ -13,14 +13,15 @@ import os
 import socket
 
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLFlux2, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       Flux2KleinPipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       Flux2KleinPipeline, QwenImagePipeline, QwenImageTransformer2DModel, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, ZImagePipeline,
                        ZImageTransformer2DModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Qwen3Config,
+from transformers import (CLIPTextConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3Model, T5Config, T5EncoderModel)
 
-__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_flux2_klein", "build_tiny_stable_diffusion",
+__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_flux2_klein", "build_tiny_qwen_image",
+           "build_tiny_stable_diffusion",
            "build_tiny_stable_diffusion_3",
            "build_tiny_stable_diffusion_xl", "build_tiny_z_image", "save_tiny_pipeline", "save_tiny_stable_diffusion",
            "tiny_clip_tokenizer"]
@@ -207,6 +208,28 @@ def build_tiny_flux2_klein(seed: int = 0, sample_size: int = 32) -> Flux2KleinPi
                               text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
+def build_tiny_qwen_image(seed: int = 0, sample_size: int = 32) -> QwenImagePipeline:
+    """A randomly initialised Qwen-Image-shaped pipeline: a two-block MMDiT, a two-layer Qwen2.5-VL (with a one-block
+    vision tower the text path never uses) on the byte-level tokenizer, Qwen-Image's causal video VAE with one
+    frame, flow-matching scheduler with dynamic shifting."""
+    torch.manual_seed(seed)
+    tokenizer, hidden = tiny_clip_tokenizer(model_max_length=512), 16  # room for Qwen-Image's prompt template
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=hidden, axes_dims_rope=(4, 6, 6))
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
 def build_tiny_z_image(seed: int = 0, sample_size: int = 32) -> ZImagePipeline:
     """A randomly initialised Z-Image-shaped pipeline: single-stream DiT with refiner layers, a Qwen3
     text encoder reading the byte-level tokenizer through a plain chat template, flow-matching
@@ -233,6 +256,7 @@ TINY_BUILDERS = {
     "stable-diffusion-3": build_tiny_stable_diffusion_3,
     "flux": build_tiny_flux,
     "flux2-klein": build_tiny_flux2_klein,
+    "qwen-image": build_tiny_qwen_image,
     "z-image": build_tiny_z_image,
 }
 

@@ -6,6 +6,7 @@ from .diffusers_policy import DiffusersPolicy
 from .flow_matching import FlowMatchingPolicy
 from .flux import LOOPFluxPipeline
 from .flux2 import LOOPFlux2KleinPipeline
+from .qwen_image import LOOPQwenImagePipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
@@ -17,6 +18,7 @@ __all__ = [
     "FlowMatchingPolicy",
     "LOOPFlux2KleinPipeline",
     "LOOPFluxPipeline",
+    "LOOPQwenImagePipeline",
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
     "LOOPStableDiffusionXLPipeline",

@@ -8,6 +8,7 @@ import os
 from .diffusers_policy import DiffusersPolicy
 from .flux import LOOPFluxPipeline
 from .flux2 import LOOPFlux2KleinPipeline
+from .qwen_image import LOOPQwenImagePipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
@@ -19,7 +20,7 @@ __all__ = ["POLICY_CLASSES", "load_policy", "policy_class_for"]
 POLICY_CLASSES: dict[str, type[DiffusersPolicy]] = {
     cls.pipeline_class.__name__: cls
     for cls in (LOOPStableDiffusionPipeline, LOOPStableDiffusionXLPipeline, LOOPStableDiffusion3Pipeline, LOOPFluxPipeline,
-                LOOPFlux2KleinPipeline, LOOPZImagePipeline)
+                LOOPFlux2KleinPipeline, LOOPQwenImagePipeline, LOOPZImagePipeline)
 }
 
 
@@ -46,7 +47,7 @@ def policy_class_for(name_or_path: str, revision: str | None = None) -> type[Dif
 
 
 def load_policy(name_or_path: str, *, revision: str | None = None, **kwargs) -> DiffusersPolicy:
-    """Load any supported pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image) as the right LOOP policy.
+    """Load any supported pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image) as the right LOOP policy.
 
     ``kwargs`` go to the policy's ``from_pretrained`` (``torch_dtype``, ``use_lora``, ``lora_rank``,
     ``lora_alpha``, ``lora_target_modules``, ``adapter``, ``lora_seed``, ``resolution``, ...).
