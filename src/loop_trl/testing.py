@@ -187,17 +187,26 @@ def build_tiny_flux(seed: int = 0, sample_size: int = 32) -> FluxPipeline:
         text_encoder_2=_tiny_t5(tokenizer, hidden), tokenizer_2=tiny_clip_tokenizer())
 
 
+def _tiny_chat_tokenizer() -> CLIPTokenizer:
+    """The byte-level tokenizer with a plain chat template (the Qwen pipelines template their prompts through it)."""
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    return tokenizer
+
+
+def _tiny_qwen3_config(tokenizer: CLIPTokenizer, hidden: int, layers: int, heads: int, **config) -> Qwen3Config:
+    return Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=8,
+                       max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id, **config)
+
+
 def build_tiny_flux2_klein(seed: int = 0, sample_size: int = 32) -> Flux2KleinPipeline:
     """A randomly initialised FLUX.2 [klein]-shaped pipeline (the base model, with guidance): a transformer with
     one double- and one single-stream block, a 28-layer Qwen3 (three of its hidden layers make the prompt, as
     the pipeline reads them) on the byte-level tokenizer, the batch-normalised FLUX.2 VAE."""
     torch.manual_seed(seed)
-    tokenizer, hidden = tiny_clip_tokenizer(), 16
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=tokenizer.model_max_length,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+    tokenizer, hidden = _tiny_chat_tokenizer(), 16
+    text_encoder = Qwen3ForCausalLM(_tiny_qwen3_config(tokenizer, hidden, layers=28, heads=2, tie_word_embeddings=True))
     vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                              block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                              sample_size=sample_size)
@@ -235,12 +244,8 @@ def build_tiny_z_image(seed: int = 0, sample_size: int = 32) -> ZImagePipeline:
     text encoder reading the byte-level tokenizer through a plain chat template, flow-matching
     scheduler with Z-Image's static shift of 3."""
     torch.manual_seed(seed)
-    tokenizer, hidden = tiny_clip_tokenizer(), 32
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=tokenizer.model_max_length,
-        pad_token_id=tokenizer.pad_token_id))
+    tokenizer, hidden = _tiny_chat_tokenizer(), 32
+    text_encoder = Qwen3Model(_tiny_qwen3_config(tokenizer, hidden, layers=2, heads=4))
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
         n_kv_heads=2, cap_feat_dim=hidden, axes_dims=[8, 12, 12], axes_lens=[256, 256, 256])

@@ -72,6 +72,22 @@ class FlowMatchingPolicy(DiffusersPolicy):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents to images (B, 3, H, W) in [0, 1], fp32."""
 
+    @property
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor * 2  # the latents go into the transformer as 2x2 patches
+
+    @property
+    def default_resolution(self) -> int:
+        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+
+    @torch.no_grad()
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) latents through an ``AutoencoderKL`` with the VAE's scaling and shift factors, to [0, 1]."""
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
     def _sigmas(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
         """The T+1 noise levels of a ``num_steps`` schedule, from 1 down to 0 (resolution-shifted as the pipeline does)."""
         scheduler = self.pipeline.scheduler

@@ -42,14 +42,6 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
         super().__init__(pipeline, **kwargs)
 
     @property
-    def resolution_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor * 2
-
-    @property
-    def default_resolution(self) -> int:
-        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-
-    @property
     def _latent_size(self) -> int:
         return self.resolution // self.pipeline.vae_scale_factor  # unpacked latent height and width
 
@@ -93,11 +85,6 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
         without it (``train_cfg=False``) would score a different model."""
         return super().step_distribution(trajectories, step, guidance_scale=None, denoiser=denoiser)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = unpack_latents(latents, self.resolution, self.resolution, self.pipeline.vae_scale_factor)
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self._vae_decode(unpack_latents(latents, self.resolution, self.resolution, self.pipeline.vae_scale_factor))
 

@@ -49,14 +49,6 @@ class LOOPFlux2KleinPipeline(FlowMatchingPolicy):
                 *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles)))
 
     @property
-    def resolution_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor * 2
-
-    @property
-    def default_resolution(self) -> int:
-        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-
-    @property
     def _grid(self) -> int:
         """Height and width of the patch grid (one token per patch)."""
         return self.resolution // (self.pipeline.vae_scale_factor * 2)

@@ -55,14 +55,6 @@ class LOOPQwenImagePipeline(FlowMatchingPolicy):
     def _distilled(self) -> bool:
         return bool(self.pipeline.transformer.config.guidance_embeds)
 
-    @property
-    def resolution_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor * 2
-
-    @property
-    def default_resolution(self) -> int:
-        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-
     def model_card_info(self) -> dict:
         if self._distilled:
             return super().model_card_info()

@@ -41,10 +41,6 @@ class LOOPStableDiffusion3Pipeline(FlowMatchingPolicy):
     def resolution_multiple(self) -> int:
         return self.pipeline.vae_scale_factor * self.pipeline.transformer.config.patch_size
 
-    @property
-    def default_resolution(self) -> int:
-        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-
     def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
         negative = [negative_prompt] * len(prompts) if negative_prompt else None
         embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
@@ -79,9 +75,5 @@ class LOOPStableDiffusion3Pipeline(FlowMatchingPolicy):
 
         return self._guided(forward, latents, sigmas, cond, uncond, guidance_scale)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self._vae_decode(latents)

@@ -53,10 +53,6 @@ class LOOPZImagePipeline(FlowMatchingPolicy):
         super().__init__(pipeline, **kwargs)
 
     @property
-    def resolution_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor * 2
-
-    @property
     def default_resolution(self) -> int:
         return 1024  # ZImagePipeline's default height and width
 
@@ -112,9 +108,5 @@ class LOOPZImagePipeline(FlowMatchingPolicy):
 
         return self._guided(forward, latents, sigmas, cond, uncond, guidance_scale)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self._vae_decode(latents)
