@@ -51,6 +51,7 @@ class ShapesArguments:
     heldout_images_per_prompt: int = field(default=4, metadata={"help": "Images per held-out prompt."})
     base_guidance_scales: str = field(default="3", metadata={"help": "When training without guidance: other guidance scales at which the base model is also evaluated (comma-separated; empty skips)."})
     diffusers_check: bool = field(default=True, metadata={"help": "After training, also sample the training-evaluation prompts with a plain diffusers StableDiffusionPipeline (its default scheduler settings), without and with the saved adapter."})
+    deployed_guidance_scales: str = field(default="1,3,5,7.5", metadata={"help": "Guidance scales of that plain-pipeline check (comma-separated; the training guidance is always one): each model's best is compared with the other's best ('best against best'), since users sample with guidance."})
     strict_bonus: float = field(default=0.0, metadata={"help": "Training reward (score + b * strict) / (1 + b): b > 0 weighs a fully correct image above the partial credit (0 trains on the plain fraction of requirements met). Evaluations always report strict accuracy and the plain score."})
     grid_prompts: int = field(default=6, metadata={"help": "Training-evaluation prompts shown in before_after.png."})
 
@@ -127,19 +128,27 @@ def plot_curves(history: list[dict], images_per_epoch: int, path: str, window: i
 
 
 @torch.no_grad()
-def diffusers_check(prompts: list[str], adapter_dir: str, config: LOOPConfig, images_per_prompt: int) -> dict:
+def diffusers_check(prompts: list[str], adapter_dir: str, config: LOOPConfig, images_per_prompt: int,
+                    scales: list[float]) -> dict:
     """Strict accuracy and mean score of a plain ``StableDiffusionPipeline`` (its own scheduler and
-    defaults: deterministic DDIM), without and with the adapter loaded by ``load_lora_weights``."""
-    result, pipe = {}, load_pipeline()
+    defaults: deterministic DDIM), without and with the adapter loaded by ``load_lora_weights``: at the
+    training guidance (``base``, ``trained``) and at every one of ``scales`` (``grid``), with each model's
+    best guidance against the other's (``best_against_best``)."""
+    scales = sorted({*scales, config.sample_guidance_scale})
+    grids, pipe = {}, load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     for name in ("base", "trained"):
         if name == "trained":
             pipe.load_lora_weights(adapter_dir)
-        result[name] = evaluate_plain_pipeline(pipe, prompts, images_per_prompt, config.eval_seed, config.sample_num_steps,
-                                               config.sample_guidance_scale)
-    result["settings"] = {"scheduler": type(pipe.scheduler).__name__, "eta": 0.0, "num_inference_steps": config.sample_num_steps,
-                          "guidance_scale": config.sample_guidance_scale, "images": len(prompts) * images_per_prompt}
-    return result
+        grids[name] = {f"{g:g}": evaluate_plain_pipeline(pipe, prompts, images_per_prompt, config.eval_seed,
+                                                         config.sample_num_steps, g) for g in scales}
+    training = f"{config.sample_guidance_scale:g}"
+    best = {name: max(grid, key=lambda g: grid[g]["strict"]) for name, grid in grids.items()}
+    return {"base": grids["base"][training], "trained": grids["trained"][training], "grid": grids,
+            "best_against_best": {"base_guidance": float(best["base"]), "trained_guidance": float(best["trained"]),
+                                  "gain": grids["trained"][best["trained"]]["strict"] - grids["base"][best["base"]]["strict"]},
+            "settings": {"scheduler": type(pipe.scheduler).__name__, "eta": 0.0, "num_inference_steps": config.sample_num_steps,
+                         "guidance_scale": config.sample_guidance_scale, "images": len(prompts) * images_per_prompt}}
 
 
 def main() -> None:
@@ -186,7 +195,9 @@ def main() -> None:
     both.save(os.path.join(config.output_dir, "before_after.png"))
     plot_curves(trainer.log_history, images_per_epoch, os.path.join(config.output_dir, "learning_curve.png"))
     if args.diffusers_check:
-        metrics["diffusers_pipeline"] = diffusers_check(eval_set, config.output_dir, config, config.eval_num_images_per_prompt)
+        scales = [float(s) for s in args.deployed_guidance_scales.split(",") if s.strip()]
+        metrics["diffusers_pipeline"] = diffusers_check(eval_set, config.output_dir, config, config.eval_num_images_per_prompt,
+                                                        scales)
     metrics["minutes"] = (time.time() - started) / 60
     metrics["history"] = trainer.log_history
     with open(os.path.join(config.output_dir, "metrics.json"), "w") as f:
@@ -210,6 +221,12 @@ def main() -> None:
         d = metrics["diffusers_pipeline"]
         lines.append(f"plain StableDiffusionPipeline ({d['settings']['scheduler']}, eta 0): strict {d['base']['strict']:.3f} -> "
                      f"{d['trained']['strict']:.3f}, mean score {d['base']['mean_score']:.3f} -> {d['trained']['mean_score']:.3f}")
+        for g in d["grid"]["base"]:
+            lines.append(f"  guidance {g}: strict {d['grid']['base'][g]['strict']:.3f} -> {d['grid']['trained'][g]['strict']:.3f} "
+                         f"+- {d['grid']['trained'][g]['strict_sem']:.3f}")
+        bb = d["best_against_best"]
+        lines.append(f"  best against best: trained at guidance {bb['trained_guidance']:g} against base at "
+                     f"{bb['base_guidance']:g}: {bb['gain']:+.3f} strict")
     lines.append(f"done in {metrics['minutes']:.1f} minutes; results in {config.output_dir}")
     logger.info("\n".join(lines))
 

@@ -63,7 +63,7 @@ def test_train_shapes_example_writes_its_outputs(tmp_path):
     run(os.path.join(ROOT, "examples", "train_shapes.py"), "--num_epochs", "2", "--save_freq", "2", "--eval_freq", "1",
         "--sample_batch_size", "16", "--train_batch_size", "8", "--families", "binding,spatial", "--num_train_eval_prompts", "2",
         "--eval_num_images_per_prompt", "2", "--num_heldout_prompts", "2", "--heldout_images_per_prompt", "1",
-        "--base_guidance_scales", "3", "--strict_bonus", "1",
+        "--base_guidance_scales", "3", "--strict_bonus", "1", "--deployed_guidance_scales", "3",
         "--grid_prompts", "2", "--output_dir", "shapes-run", cwd=tmp_path)
     out = tmp_path / "shapes-run"
     assert {"learning_curve.png", "before_after.png", "metrics.json", "pytorch_lora_weights.safetensors",
@@ -83,6 +83,12 @@ def test_train_shapes_example_writes_its_outputs(tmp_path):
     assert set(metrics["base_at_other_guidance"]) == {"3.0"}
     pipe = metrics["diffusers_pipeline"]
     assert pipe["settings"]["scheduler"] == "DDIMScheduler" and {"base", "trained"} <= set(pipe)
+    # the deployed grid: the training guidance (1) and the asked-for 3, each model's best against the other's
+    assert set(pipe["grid"]["base"]) == set(pipe["grid"]["trained"]) == {"1", "3"}
+    assert pipe["trained"] == pipe["grid"]["trained"]["1"]
+    best = pipe["best_against_best"]
+    assert best["gain"] == pytest.approx(pipe["grid"]["trained"][f"{best['trained_guidance']:g}"]["strict"]
+                                         - max(m["strict"] for m in pipe["grid"]["base"].values()))
     card = (out / "README.md").read_text()
     assert "from loop_trl.testbeds.shapes import load_pipeline" in card  # loadable anywhere, not this machine's path
     assert "num_inference_steps=10, guidance_scale=1.0, eta=1.0" in card  # the run's sampler settings
