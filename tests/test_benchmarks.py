@@ -212,3 +212,35 @@ def test_deployed_sampler_compares_adapters_with_the_base_at_every_setting(tmp_p
     assert set(result) == {"base", str(tmp_path / "adapter")} and set(result["base"]) == {"2:1", "2:3"}
     assert result["base"] == result[str(tmp_path / "adapter")]  # B = 0: the same images, the same scores
     assert "| base |" in out.stdout and "against base" in out.stdout
+
+
+def test_deployed_ablation_reads_its_cache_and_summarizes_gains_over_the_base(tmp_path, capsys):
+    """With every (setting, seed) cached, the study only prints: gains over the base model per seed, the share kept
+    under the deployed sampler at the training guidance, and best against best; unknown settings are refused."""
+    sys.path.insert(0, BENCH)
+    try:
+        import deployed_ablation
+    finally:
+        sys.path.pop(0)
+    results = tmp_path / "results"
+    results.mkdir()
+    cell = lambda strict: {"strict": strict, "strict_sem": 0.03, "mean_score": 0.5, "mean_score_sem": 0.02}  # noqa: E731
+    (results / "base_10_steps.json").write_text(json.dumps({"1": cell(0.10), "3": cell(0.30)}))
+    for seed, (g1, g3, gain) in enumerate([(0.20, 0.35, 0.20), (0.30, 0.25, 0.10)]):
+        row = {"setting": "early_steps", "seed": seed, "training_guidance": "1", "training_gain": gain,
+               "grid": {"1": cell(g1), "3": cell(g3)}}
+        (results / f"early_steps_seed{seed}_10_steps.json").write_text(json.dumps(row))
+    deployed_ablation.main(["--settings", "early_steps", "--seeds", "0,1", "--guidance", "1,3", "--results", str(results)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| early_steps |"))
+    # kept: 0.10 / 0.20 and 0.20 / 0.10; best against best: 0.35 - 0.30 and 0.30 - 0.30
+    assert "(+0.100, +0.200)" in line and "(+0.500, +2.000)" in line and "(+0.050, +0.000)" in line
+    with pytest.raises(SystemExit, match="unknown setting"):
+        deployed_ablation.main(["--settings", "no_such_setting", "--results", str(results)])
+    # the setting the example adopted is the example's defaults (the docs' table and the README quote both)
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        from train_shapes import defaults
+    finally:
+        sys.path.pop(0)
+    flags = deployed_ablation.SETTINGS["early_steps"]
+    assert (int(flags[1]), float(flags[3])) == (defaults()["train_timestep_stop"], defaults()["train_timestep_fraction"])
