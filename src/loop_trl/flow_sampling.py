@@ -1,4 +1,4 @@
-"""Stochastic flow-matching steps with their Gaussian log-probability (SD3, SD3.5, FLUX.1, Z-Image).
+"""Stochastic flow-matching steps with their Gaussian log-probability (SD3, FLUX.1, FLUX.2, Qwen-Image, Z-Image).
 
 Rectified-flow models are trained on ``x_s = (1 - s) x_0 + s eps`` and predict the velocity
 ``v = eps - x_0``. Their samplers take deterministic Euler steps ``x + (s' - s) v`` (diffusers'

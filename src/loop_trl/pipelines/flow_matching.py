@@ -1,4 +1,4 @@
-"""The sampling and scoring loop shared by rectified-flow transformers (SD3/3.5, FLUX.1, Z-Image).
+"""The sampling and scoring loop shared by the rectified-flow transformer families (SD3, FLUX, Qwen-Image, Z-Image).
 
 A family supplies four small pieces: prompt conditioning, the initial noise, the sigma
 schedule, and one velocity prediction; this class runs a stochastic flow sampler with
