@@ -18,7 +18,18 @@ from ..flow_sampling import FLOW_SDE_TYPES, check_noise_level, flow_ode_step, fl
 from .base import Conditioning, StepDistribution, Trajectories
 from .diffusers_policy import DiffusersPolicy
 
-__all__ = ["FlowMatchingPolicy"]
+__all__ = ["FlowMatchingPolicy", "padded_prompts"]
+
+
+def padded_prompts(sequences: Sequence[torch.Tensor], length: int) -> Conditioning:
+    """Prompt embeddings of different lengths, (L_i, D) each, as trajectories store them: zero-padded to
+    ``length`` (``prompt_embeds`` (B, length, D), fp32) with the mask of the real tokens (``prompt_mask``
+    (B, length)), so that batches of any prompts concatenate (Qwen-Image, Z-Image)."""
+    padded = torch.zeros(len(sequences), length, sequences[0].shape[-1], device=sequences[0].device)
+    mask = torch.zeros(len(sequences), length, dtype=torch.bool, device=sequences[0].device)
+    for i, e in enumerate(sequences):
+        padded[i, :len(e)], mask[i, :len(e)] = e.float(), True
+    return {"prompt_embeds": padded, "prompt_mask": mask}
 
 
 class FlowMatchingPolicy(DiffusersPolicy):
@@ -79,6 +90,11 @@ class FlowMatchingPolicy(DiffusersPolicy):
     @property
     def default_resolution(self) -> int:
         return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+
+    @property
+    def _latent_size(self) -> int:
+        """Height and width of the VAE latents (unpacked) of a ``resolution``-pixel image."""
+        return self.resolution // self.pipeline.vae_scale_factor
 
     @torch.no_grad()
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:

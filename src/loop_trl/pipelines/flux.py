@@ -41,10 +41,6 @@ class LOOPFluxPipeline(FlowMatchingPolicy):
         self.max_sequence_length = max_sequence_length
         super().__init__(pipeline, **kwargs)
 
-    @property
-    def _latent_size(self) -> int:
-        return self.resolution // self.pipeline.vae_scale_factor  # unpacked latent height and width
-
     def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
         if negative_prompt:
             raise ValueError("FLUX.1 takes its guidance as an input of the transformer and uses no negative prompt; "

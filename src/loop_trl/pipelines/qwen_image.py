@@ -8,7 +8,7 @@ from diffusers import QwenImagePipeline
 
 from ..sampling import standard_normal
 from .base import Conditioning
-from .flow_matching import FlowMatchingPolicy
+from .flow_matching import FlowMatchingPolicy, padded_prompts
 from .latent_layout import pack_latents, unpack_latents
 
 __all__ = ["LOOPQwenImagePipeline"]
@@ -71,17 +71,9 @@ class LOOPQwenImagePipeline(FlowMatchingPolicy):
                                                                max_sequence_length=self.max_sequence_length))
 
     def _padded(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> Conditioning:
-        """The pipeline's (B, L_batch, D) embeddings and mask (None: all real) padded to ``max_sequence_length``."""
-        b, length, _ = embeds.shape
-        padded = embeds.new_zeros(b, self.max_sequence_length, embeds.shape[-1], dtype=torch.float32)
-        padded[:, :length] = embeds.float()
-        full = torch.zeros(b, self.max_sequence_length, dtype=torch.bool, device=embeds.device)
-        full[:, :length] = True if mask is None else mask.bool()
-        return {"prompt_embeds": padded, "prompt_mask": full}
-
-    @property
-    def _latent_size(self) -> int:
-        return 2 * (self.resolution // (self.pipeline.vae_scale_factor * 2))
+        """The pipeline's (B, L_batch, D) embeddings, its real tokens first (``mask``; None: all real), as stored."""
+        real = list(embeds) if mask is None else [e[m.bool()] for e, m in zip(embeds, mask)]
+        return padded_prompts(real, self.max_sequence_length)
 
     def _initial_noise(self, batch: int, generator) -> torch.Tensor:
         channels, size = self.pipeline.transformer.config.in_channels // 4, self._latent_size

@@ -8,7 +8,7 @@ from diffusers import ZImagePipeline
 
 from ..sampling import standard_normal
 from .base import Conditioning
-from .flow_matching import FlowMatchingPolicy
+from .flow_matching import FlowMatchingPolicy, padded_prompts
 
 __all__ = ["LOOPZImagePipeline"]
 
@@ -65,21 +65,8 @@ class LOOPZImagePipeline(FlowMatchingPolicy):
             list(prompts), device=self.device, do_classifier_free_guidance=guided,
             negative_prompt=[negative_prompt or ""] * len(prompts) if guided else None,
             max_sequence_length=self.max_sequence_length)
-        cond = self._padded(positive)
-        return cond, (self._padded(negative) if guided else None)
-
-    def _padded(self, embeds: list[torch.Tensor]) -> Conditioning:
-        """Variable-length (L_i, D) prompt embeddings as a zero-padded (B, L, D) tensor and its (B, L) mask."""
-        length, dim = self.max_sequence_length, embeds[0].shape[-1]
-        padded = torch.zeros(len(embeds), length, dim, device=self.device)
-        mask = torch.zeros(len(embeds), length, dtype=torch.bool, device=self.device)
-        for i, e in enumerate(embeds):
-            padded[i, :len(e)], mask[i, :len(e)] = e.float(), True
-        return {"prompt_embeds": padded, "prompt_mask": mask}
-
-    @property
-    def _latent_size(self) -> int:
-        return 2 * (self.resolution // (self.pipeline.vae_scale_factor * 2))
+        cond = padded_prompts(positive, self.max_sequence_length)
+        return cond, (padded_prompts(negative, self.max_sequence_length) if guided else None)
 
     def _initial_noise(self, batch: int, generator) -> torch.Tensor:
         size = self._latent_size
