@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,6 +45,8 @@ SETTINGS = {
     "early_steps": EARLY_STEPS,
     "early_steps_sde_window": EARLY_STEPS + ["--sample_sde_window", "true"],
     "early_steps_epochs48": EARLY_STEPS + EPOCHS48,
+    "early_steps_eta0.5": EARLY_STEPS + ["--sample_eta", "0.5"],
+    "early_steps_guidance3": EARLY_STEPS + ["--sample_guidance_scale", "3"],
 }
 
 
@@ -91,7 +94,12 @@ def summarize(rows: list[dict], base: dict) -> dict:
                                           for r in rows],
              "best vs best": [max(m["strict"] for m in r["grid"].values()) - best_base for r in rows]}
     gains["kept share"] = [p / t if t else float("nan") for p, t in zip(gains["plain, training guidance"], gains["training sampler"])]
-    return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, v) for k, v in gains.items()}
+    def spread(values):  # a seed that learned nothing has no kept share (0 / 0): left out of the mean, shown as nan
+        finite = [x for x in values if math.isfinite(x)]
+        return (statistics.mean(finite) if finite else float("nan"),
+                statistics.stdev(finite) if len(finite) > 1 else 0.0, values)
+
+    return {k: spread(v) for k, v in gains.items()}
 
 
 def main(argv=None) -> None:
