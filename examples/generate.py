@@ -1,11 +1,13 @@
-"""Generate images from a base model plus a LOOP-trained adapter (Hub id or folder), with plain diffusers.
+"""Generate images (or videos) from a base model plus a LOOP-trained adapter (Hub id or folder), with plain diffusers.
 
     python examples/generate.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --adapter you/sd15-loop-aesthetic --prompts "a cat" "a dog" --output_dir samples
 
-Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image): diffusers picks the pipeline class
-from the base model's model_index.json. By default it samples with the scheduler the adapter was
-trained with (DDIM for SD and SDXL, deterministic: --eta 0), as the model card does.
+Any supported family works (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Wan): diffusers
+picks the pipeline class from the base model's model_index.json. By default it samples with the scheduler the adapter
+was trained with (DDIM for SD and SDXL, deterministic: --eta 0; Euler steps on Wan's flow sigmas), as the model card
+does. Videos (Wan) are written as animated GIFs, and as MP4s too when imageio and imageio-ffmpeg are installed; the
+grid shows their first frames.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from trl import TrlParser
 
-from loop_trl import LOOPStableDiffusionPipeline, policy_class_for
+from loop_trl import LOOPStableDiffusionPipeline, LOOPWanPipeline, policy_class_for
+from loop_trl.hooks import write_gif
 from loop_trl.pipelines.stable_diffusion import ddim_overrides
 from loop_trl.hub import exit_if_hub_unreachable
 
@@ -37,10 +40,12 @@ class GenerateArguments:
     guidance_scale: float = field(default=5.0, metadata={"help": "The pipeline's own guidance scale (for most pipelines 1 turns guidance off; for ZImagePipeline 0 does, and loop-trl's sample_guidance_scale g is its g - 1; for QwenImagePipeline it is passed as true_cfg_scale, with the negative prompt " ")."})
     height: Optional[int] = field(default=None, metadata={"help": "Image height (default: the model's)."})
     width: Optional[int] = field(default=None, metadata={"help": "Image width (default: the model's)."})
-    output_dir: str = field(default="samples", metadata={"help": "Where the PNGs and grid.png go."})
+    num_frames: Optional[int] = field(default=None, metadata={"help": "Video pipelines (Wan): frames per video, 4k + 1 (default: the pipeline's 81; pass the num_frames the adapter was trained with, which its model card shows)."})
+    fps: int = field(default=16, metadata={"help": "Video pipelines: frames per second of the written GIFs and MP4s."})
+    output_dir: str = field(default="samples", metadata={"help": "Where the PNGs (GIFs for videos) and grid.png go."})
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     dtype: str = field(default="auto", metadata={"help": "'fp16', 'bf16', 'fp32' or 'auto' (fp16 on GPU, fp32 on CPU)."})
-    scheduler: str = field(default="trained", metadata={"help": "'trained': the sampler loop-trl trains the family with (DDIM for SD 1.x/2.x and SDXL, whose checkpoints ship PNDM or Euler; the pipeline's own flow-matching scheduler for SD3 and FLUX); 'default': the checkpoint's own scheduler."})
+    scheduler: str = field(default="trained", metadata={"help": "'trained': the sampler loop-trl trains the family with (DDIM for SD 1.x/2.x and SDXL, whose checkpoints ship PNDM or Euler; Euler steps on the flow sigmas for Wan, whose checkpoints ship UniPC; the pipeline's own flow-matching scheduler for the other flow families); 'default': the checkpoint's own scheduler."})
     eta: float = field(default=0.0, metadata={"help": "With the DDIM sampler: its eta (0 deterministic, as users deploy; the run's sample_eta is the training sampler)."})
 
 
@@ -60,8 +65,22 @@ def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> D
         raise ValueError(f"--scheduler must be 'trained' or 'default', got {args.scheduler!r}.")
     if args.scheduler == "trained" and issubclass(family, LOOPStableDiffusionPipeline):  # SDXL's policy is one too
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, **ddim_overrides(pipe.scheduler.config))
+    if args.scheduler == "trained" and family is LOOPWanPipeline and pipe.scheduler.config.get("use_flow_sigmas"):
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                               shift=pipe.scheduler.config.flow_shift)
     pipe.set_progress_bar_config(desc="denoising")
     return pipe.to(device)
+
+
+def write_video(frames, stem: str, fps: int) -> Image.Image:
+    """Write one video's (F, H, W, 3) frames in [0, 1] as ``stem.gif`` (and ``stem.mp4`` when imageio can); its first frame."""
+    import importlib.util
+
+    pixels = (frames.clip(0, 1) * 255).round().astype("uint8")
+    write_gif(pixels, stem + ".gif", fps)
+    if importlib.util.find_spec("imageio") and importlib.util.find_spec("imageio_ffmpeg"):
+        diffusers.utils.export_to_video(list(frames), stem + ".mp4", fps=fps)  # floats in [0, 1], as it takes them
+    return Image.fromarray(pixels[0])
 
 
 def main() -> None:
@@ -81,10 +100,20 @@ def main() -> None:
             extra.update(true_cfg_scale=args.guidance_scale, negative_prompt=" ")  # its classifier-free guidance
         else:
             extra["guidance_scale"] = args.guidance_scale
-        images = pipe(prompt=prompt, num_images_per_prompt=args.num_images, generator=generator, height=args.height,
-                      width=args.width, num_inference_steps=args.num_inference_steps, **extra).images
-        for i, image in enumerate(images):
-            image.save(os.path.join(args.output_dir, f"{p:03d}_{i:02d}.png"))
+        if isinstance(pipe, diffusers.WanPipeline):
+            extra.update(num_videos_per_prompt=args.num_images, output_type="np",
+                         **({"num_frames": args.num_frames} if args.num_frames else {}))
+        else:
+            extra["num_images_per_prompt"] = args.num_images
+        output = pipe(prompt=prompt, generator=generator, height=args.height, width=args.width,
+                      num_inference_steps=args.num_inference_steps, **extra)
+        if hasattr(output, "frames"):  # videos, (N, F, H, W, 3) in [0, 1]
+            images = [write_video(video, os.path.join(args.output_dir, f"{p:03d}_{i:02d}"), args.fps)
+                      for i, video in enumerate(output.frames)]
+        else:
+            images = output.images
+            for i, image in enumerate(images):
+                image.save(os.path.join(args.output_dir, f"{p:03d}_{i:02d}.png"))
         rows.append(images)
     w, h = rows[0][0].size
     grid = Image.new("RGB", (w * args.num_images, h * len(rows)))
@@ -92,7 +121,8 @@ def main() -> None:
         for c, image in enumerate(images):
             grid.paste(image, (c * w, r * h))
     grid.save(os.path.join(args.output_dir, "grid.png"))
-    print(f"Wrote {len(rows) * args.num_images} images and grid.png to {args.output_dir}")
+    kind = "videos" if isinstance(pipe, diffusers.WanPipeline) else "images"
+    print(f"Wrote {len(rows) * args.num_images} {kind} and grid.png to {args.output_dir}")
 
 
 if __name__ == "__main__":

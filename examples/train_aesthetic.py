@@ -6,8 +6,10 @@
     accelerate launch examples/train_aesthetic.py --pretrained_model stabilityai/stable-diffusion-3.5-medium
     accelerate launch examples/train_aesthetic.py --reward hpsv2      # or pickscore, imagereward, clipscore, ...
     accelerate launch examples/train_aesthetic.py --push_to_hub --hub_model_id you/sd15-loop-aesthetic
+    accelerate launch examples/train_aesthetic.py --config examples/configs/aesthetic_wan21.yaml  # text-to-video
 
-The model family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image) is read from the checkpoint's model_index.json.
+The model family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Wan) is read from the
+checkpoint's model_index.json. For video (Wan) the image reward scores each frame and a video gets the mean.
 
 Every option of LOOPConfig and of ScriptArguments below is a flag; --help lists them all.
 """
@@ -23,10 +25,10 @@ from trl import TrlParser
 
 import torch
 
-from loop_trl import LOOPConfig, LOOPTrainer, load_policy
+from loop_trl import LOOPConfig, LOOPTrainer, load_policy, policy_class_for
 from loop_trl.hooks import log_images_hook
 from loop_trl.hub import exit_if_hub_unreachable
-from loop_trl.rewards import AestheticReward
+from loop_trl.rewards import AestheticReward, PerFrameReward
 from loop_trl.rewards.serve import load_reward
 
 ANIMALS = [
@@ -42,7 +44,7 @@ class ScriptArguments:
     """Model, LoRA, reward and prompt options of this script (LOOPConfig holds the rest)."""
 
     pretrained_model: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format, of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image)."})
+                                  metadata={"help": "Base model: a Hub id or a local folder in diffusers format, of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Wan)."})
     pretrained_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the full UNet / transformer (False)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
@@ -50,7 +52,7 @@ class ScriptArguments:
     lora_target_modules: Optional[str] = field(default=None, metadata={"help": "Comma-separated module names that get LoRA layers; default: the family's (as diffusers' LoRA training scripts)."})
     resolution: Optional[int] = field(default=None, metadata={"help": "Image height and width in pixels; default: the model's own (512 for SD 1.5, 1024 for SDXL, SD3.5 and FLUX.1)."})
     load_dtype: str = field(default="fp32", metadata={"help": "dtype the base weights load in: 'fp32', 'bf16' or 'fp16' (bf16 halves the memory of loading a large model; trained weights are fp32 either way)."})
-    sde_type: Optional[str] = field(default=None, metadata={"help": "Flow families (SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image): the stochastic sampler trained with: 'flow_grpo' (Flow-GRPO's SDE, the default; --sample_eta 0.7), 'dance_grpo' (DanceGRPO's constant noise scale; --sample_eta 0.3) or 'cps' (coefficient-preserving sampling, --sample_eta in (0, 1], with --train_timestep_stop -1 or lower). Not used by SD 1.x/2.x and SDXL (DDIM)."})
+    sde_type: Optional[str] = field(default=None, metadata={"help": "Flow families (SD3/3.5, FLUX.1, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Wan): the stochastic sampler trained with: 'flow_grpo' (Flow-GRPO's SDE, the default; --sample_eta 0.7), 'dance_grpo' (DanceGRPO's constant noise scale; --sample_eta 0.3) or 'cps' (coefficient-preserving sampling, --sample_eta in (0, 1], with --train_timestep_stop -1 or lower). Not used by SD 1.x/2.x and SDXL (DDIM)."})
     init_adapter: Optional[str] = field(default=None, metadata={"help": "Start from this LoRA adapter (folder or Hub id) instead of a new one."})
     reward: str = field(default="aesthetic", metadata={"help": "The reward: 'aesthetic' (LAION aesthetic predictor), 'jpeg_compressibility', 'jpeg_incompressibility', 'clipscore', 'pickscore', 'hpsv2', 'imagereward', 'ocr' (docs/rewards.md), or module:callable for your own (a class is built without arguments)."})
     aesthetic_clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP model (Hub id or folder) of the aesthetic reward."})
@@ -58,6 +60,9 @@ class ScriptArguments:
     aesthetic_head_filename: str = field(default="aesthetic-model.pth", metadata={"help": "The head's file name in its repository or folder."})
     prompts_file: Optional[str] = field(default=None, metadata={"help": "A text file with one prompt per line; default: 45 animal names."})
     log_images: bool = field(default=True, metadata={"help": "Log a few samples per epoch to the tracker (with --log_with)."})
+    num_frames: Optional[int] = field(default=None, metadata={"help": "Video families (Wan): frames per video, 4k + 1 (default: the pipeline's 81). The image reward then scores every frame and averages (PerFrameReward)."})
+    height: Optional[int] = field(default=None, metadata={"help": "Video families (Wan): frame height in pixels (default: --resolution, else 480)."})
+    width: Optional[int] = field(default=None, metadata={"help": "Video families (Wan): frame width in pixels (default: --resolution, else 832)."})
 
 
 def make_reward(args: ScriptArguments):
@@ -85,13 +90,22 @@ def main() -> None:
                                  "a reward that needs no weights (--reward jpeg_compressibility)."):
         reward = make_reward(args)
     targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()] if args.lora_target_modules else None
+    video = {key: value for key, value in dict(num_frames=args.num_frames, height=args.height, width=args.width).items()
+             if value is not None}
     with exit_if_hub_unreachable("the base model", args.pretrained_model + (f" and adapter {args.init_adapter}" if args.init_adapter else ""),
                                  "Pass a local folder in diffusers format: --pretrained_model /path/to/model."):
+        family = policy_class_for(args.pretrained_model, args.pretrained_revision)
+        if video and not family.produces_video:
+            raise SystemExit(f"--num_frames, --height and --width are for video families (Wan); {args.pretrained_model} "
+                             f"is a {family.pipeline_class.__name__}: use --resolution.")
         policy = load_policy(
             args.pretrained_model, revision=args.pretrained_revision, torch_dtype=dtypes[args.load_dtype],
             use_lora=args.use_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target_modules=targets,
             adapter=args.init_adapter, resolution=args.resolution, **({"sde_type": args.sde_type} if args.sde_type else {}),
+            **video,
         )
+    if policy.produces_video:  # the image reward scores each frame; a video's reward is the mean over its frames
+        reward = PerFrameReward(reward)
     trainer = LOOPTrainer(config, reward, make_prompts(args), policy,
                           image_samples_hook=log_images_hook() if args.log_images else None)
     trainer.train()

@@ -180,19 +180,23 @@ def test_gpu_benchmark_builds_the_published_model_sizes():
     assert z_image["vae"] == flux["vae"]
     qwen = counts("qwen_image")  # Qwen-Image's report: a 20B MMDiT; Qwen2.5-VL-7B-Instruct's card: 8.29B parameters
     assert abs(qwen["transformer"] / 20.0e9 - 1) < 0.03 and abs(qwen["text_encoder"] / 8.29e9 - 1) < 0.001
+    wan = counts("wan21_1_3b")  # the release names its DiT 1.3B; UMT5-XXL's encoder is T5-XXL's with a 256,384-token
+    assert abs(wan["transformer"] / 1.3e9 - 1) < 0.1  # vocabulary and a relative-position table in each of its 24 layers
+    assert wan["text_encoder"] == sd35["text_encoder_3"] + (256_384 - 32_128) * 4096 + 23 * 32 * 64
 
 
 @pytest.mark.slow
 def test_gpu_benchmark_dry_run(tmp_path):
-    """The GPU benchmark's CPU dry run: tiny models of two families, every variant, one epoch, the floor replayed."""
+    """The GPU benchmark's CPU dry run: tiny models of three families (one of them video), every variant, one epoch,
+    the floor replayed."""
     sys.path.insert(0, os.path.join(BENCH, "gpu"))
     from run import VARIANTS
 
     extra = ["--trl_python", ANCHOR_PYTHON] if os.path.exists(ANCHOR_PYTHON) else []
     out = run(os.path.join(BENCH, "gpu", "run.py"), "--dry_run", "--output_dir", "gpu", "--models", "sd15", "sd35_medium",
-              *extra, cwd=tmp_path)
+              "wan21_1_3b", *extra, cwd=tmp_path)
     report = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
-    expected = [(m, v) for m in ("sd15", "sd35_medium") for v in VARIANTS] + ([("sd15", "trl_ddpo")] if extra else [])
+    expected = [(m, v) for m in ("sd15", "sd35_medium", "wan21_1_3b") for v in VARIANTS] + ([("sd15", "trl_ddpo")] if extra else [])
     assert [(r["model"], r["variant"]) for r in report["results"]] == expected
     for r in report["results"]:
         assert r["median_epoch_s"] > 0 and r["sampling_images_per_s"] > 0 and r["training_trajectories_per_s"] > 0

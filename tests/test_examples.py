@@ -115,20 +115,29 @@ def test_every_example_config_parses_and_validates(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["stable-diffusion-3", "qwen-image"])  # the others: tests/test_families.py
+@pytest.mark.parametrize("family", ["stable-diffusion-3", "qwen-image", "wan"])  # the others: tests/test_families.py
 def test_aesthetic_example_trains_a_flow_model_and_generate_loads_it(tmp_path, family):
-    """The family comes from the checkpoint: the same commands train and sample a flow model."""
+    """The family comes from the checkpoint: the same commands train and sample a flow model (Wan: videos, the
+    image reward scored per frame, written as GIFs)."""
     run("-m", "loop_trl.testing", "tiny", "--family", family, cwd=tmp_path)
+    frames = ["--num_frames", "5"] if family == "wan" else []
     run(os.path.join(ROOT, "examples", "train_aesthetic.py"), "--pretrained_model", "tiny", "--reward",
         "jpeg_compressibility", "--mixed_precision", "no", "--num_epochs", "1", "--sample_num_steps", "3",
         "--sample_eta", "0.7", "--resolution", "32", "--sample_batch_size", "8", "--train_batch_size", "4",
-        "--output_dir", "tiny-run", cwd=tmp_path)
+        "--output_dir", "tiny-run", *frames, cwd=tmp_path)
     card = (tmp_path / "tiny-run" / "README.md").read_text()
-    assert {"stable-diffusion-3": "StableDiffusion3Pipeline", "qwen-image": "QwenImagePipeline"}[family] in card
+    assert {"stable-diffusion-3": "StableDiffusion3Pipeline", "qwen-image": "QwenImagePipeline", "wan": "WanPipeline"}[family] in card
     out = run(os.path.join(ROOT, "examples", "generate.py"), "--base", "tiny", "--adapter", "tiny-run", "--prompts",
               "a cat", "--num_inference_steps", "3", "--height", "32", "--width", "32", "--num_images", "2",
-              "--output_dir", "samples", cwd=tmp_path)
-    assert "Wrote 2 images" in out.stdout
+              "--output_dir", "samples", *frames, cwd=tmp_path)
+    if family != "wan":
+        assert "Wrote 2 images" in out.stdout
+        return
+    from PIL import Image
+
+    assert "Wrote 2 videos" in out.stdout and "pipeline_tag: text-to-video" in card and "export_to_video" in card
+    assert Image.open(tmp_path / "samples" / "000_01.gif").n_frames == 5
+    assert Image.open(tmp_path / "samples" / "grid.png").size == (64, 32)  # first frames
 
 
 OFFLINE_CASES = [([], "the aesthetic reward's weights 'openai/clip-vit-large-patch14'", "--aesthetic_clip_model"),

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
-from loop_trl.pipelines import (LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPQwenImagePipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
-                                LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories)
-from loop_trl.rewards import JpegCompressibility
+from loop_trl.pipelines import (LOOPFlux2KleinPipeline, LOOPFlux2Pipeline, LOOPFluxPipeline, LOOPQwenImagePipeline, LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
+                                LOOPStableDiffusionXLPipeline, LOOPWanPipeline, LOOPZImagePipeline, Trajectories)
+from loop_trl.rewards import JpegCompressibility, PerFrameReward
 from loop_trl.testing import save_tiny_pipeline
 
 FAMILIES = {
@@ -23,10 +23,13 @@ FAMILIES = {
     "stable-diffusion-3": LOOPStableDiffusion3Pipeline,
     "flux": LOOPFluxPipeline,
     "flux2-klein": LOOPFlux2KleinPipeline,
+    "flux2-dev": LOOPFlux2Pipeline,
     "qwen-image": LOOPQwenImagePipeline,
     "z-image": LOOPZImagePipeline,
+    "wan": LOOPWanPipeline,
 }
-FLOW_FAMILIES = ("stable-diffusion-3", "flux", "flux2-klein", "qwen-image", "z-image")
+FLOW_FAMILIES = ("stable-diffusion-3", "flux", "flux2-klein", "flux2-dev", "qwen-image", "z-image", "wan")
+VIDEO_FRAMES = {"wan": 5}  # the video families: frames per sample
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -40,7 +43,18 @@ def policy_kwargs(family: str) -> dict:
     kwargs = dict(resolution=32, lora_rank=4)
     if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
+    if family in VIDEO_FRAMES:
+        kwargs["num_frames"] = VIDEO_FRAMES[family]
     return kwargs
+
+
+def sample_shape(family: str, batch: int = 2) -> tuple[int, ...]:
+    """What the policy's ``images`` (and the plain pipeline's output) hold: images, or videos' frames."""
+    return (batch, VIDEO_FRAMES[family], 3, 32, 32) if family in VIDEO_FRAMES else (batch, 3, 32, 32)
+
+
+def reward_for(family: str):
+    return PerFrameReward(JpegCompressibility()) if family in VIDEO_FRAMES else JpegCompressibility()
 
 
 def eta_for(family: str) -> float:
@@ -57,7 +71,7 @@ def test_family_loads_samples_and_rescoring_is_on_policy(family, tiny_paths):
     policy = load_policy(tiny_paths[family], **policy_kwargs(family))
     assert type(policy) is FAMILIES[family]
     traj = sample(policy, family)
-    assert traj.images.shape == (2, 3, 32, 32) and traj.log_probs.shape == (2, 3)
+    assert traj.images.shape == sample_shape(family) and traj.log_probs.shape == (2, 3)
     assert traj.latents.shape[:2] == (2, 4) and torch.isfinite(traj.log_probs).all()
     assert all(v.shape[0] == 2 for v in traj.conditioning.values())
     torch.testing.assert_close(sample(policy, family).latents, traj.latents, rtol=0, atol=0)  # a seed fixes it
@@ -97,7 +111,7 @@ def test_the_trainer_runs_each_family_unchanged(family, tiny_paths, tmp_path):
                         # the flow families with an SDE window over steps 1-2 (Flow-GRPO-Fast / MixGRPO style)
                         sample_sde_window=family in FLOW_FAMILIES, train_timestep_start=1)
     policy = load_policy(tiny_paths[family], **policy_kwargs(family))
-    trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, policy)
+    trainer = LOOPTrainer(config, reward_for(family), PROMPTS, policy)
     before = [p.detach().clone() for p in trainer.trainable_parameters]
     trainer.step(0, 0)
     assert trainer.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5
@@ -117,12 +131,18 @@ def _guidance_kwargs(family, scale=3.0):
     return {"guidance_scale": scale - 1.0 if family == "z-image" else scale}  # ZImagePipeline: pos + w (pos - neg)
 
 
-def _generate(pipe, family):
-    kwargs = dict(num_inference_steps=3, output_type="pt", height=32, width=32, generator=torch.Generator().manual_seed(0),
-                  **_guidance_kwargs(family))
+def _call(pipe, family, **kwargs):
+    """The plain pipeline's output as a tensor: images (B, 3, H, W), or a video pipeline's frames (B, F, 3, H, W)."""
     if family in FLOW_FAMILIES:
         kwargs["max_sequence_length"] = 16
-    return pipe(prompt="a red circle", **kwargs).images
+    if family in VIDEO_FRAMES:
+        return pipe(num_frames=VIDEO_FRAMES[family], **kwargs).frames
+    return pipe(**kwargs).images
+
+
+def _generate(pipe, family):
+    return _call(pipe, family, prompt="a red circle", num_inference_steps=3, output_type="pt", height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), **_guidance_kwargs(family))
 
 
 def _scored_by(policy, module, traj) -> torch.Tensor:
@@ -238,13 +258,20 @@ def test_load_policy_names_what_it_supports(tmp_path):
         load_policy(str(tmp_path / "empty"))
 
 
-def test_flux_refuses_a_negative_prompt_and_a_wrong_resolution(tiny_paths):
-    policy = load_policy(tiny_paths["flux"], **policy_kwargs("flux"))
+@pytest.mark.parametrize("family", ["flux", "flux2-dev"])
+def test_guidance_distilled_models_embed_the_guidance_and_refuse_a_negative_prompt(family, tiny_paths):
+    """FLUX.1 [dev] and FLUX.2 [dev] take the guidance scale as an input: one pass, no unconditional branch."""
+    policy = load_policy(tiny_paths[family], **policy_kwargs(family))
     with pytest.raises(ValueError, match="no negative prompt"):
         policy.sample(PROMPTS, num_steps=2, guidance_scale=3.0, eta=0.7, generator=torch.Generator(),
                       negative_prompt="blurry")
+    guided = sample(policy, family, guidance=3.0)
+    assert guided.negative_conditioning is None
+    assert not torch.allclose(guided.latents[:, 1], sample(policy, family, guidance=1.0).latents[:, 1])
+    # scored with the guidance it was sampled with, whatever the trainer passes (train_cfg=False passes 1)
+    torch.testing.assert_close(policy.log_prob(guided, 1, guidance_scale=1.0), guided.log_probs[:, 1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="resolution must be a positive multiple of 4"):
-        load_policy(tiny_paths["flux"], resolution=30)
+        load_policy(tiny_paths[family], resolution=30)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -330,7 +357,7 @@ def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family,
     card = make_model_card(base_model=tiny_paths[family], reward_name="r", repo_id=str(tmp_path),
                            config={"sample_num_steps": 3, "sample_guidance_scale": 3.0, "sample_eta": 1.0}, **info)
     code = card.content.split("```python\n")[1].split("```")[0]
-    load = code.split("\nimage = pipe(")[0].replace('.to("cuda")', "").replace("torch.bfloat16", "torch.float32")
+    load = code.split("\nvideo = pipe(" if family in VIDEO_FRAMES else "\nimage = pipe(")[0].replace('.to("cuda")', "").replace("torch.bfloat16", "torch.float32")
     namespace = {}
     exec(load, namespace)  # noqa: S102 - the card's own code, on the tiny checkpoint
     pipe = namespace["pipe"]
@@ -346,7 +373,7 @@ def test_deterministic_sampling_is_what_the_model_cards_pipeline_samples(family,
                   latents=traj.latents[:, 0] / getattr(policy.pipeline.scheduler, "init_noise_sigma", 1.0))
     if info["takes_eta"]:
         kwargs["eta"] = 0.0
-    if family in FLOW_FAMILIES:
-        kwargs["max_sequence_length"] = 16
-    theirs = pipe(prompt=PROMPTS, **kwargs).images
+    if family in VIDEO_FRAMES:  # the card passes the trained frame count and size
+        assert f"num_frames={VIDEO_FRAMES[family]}, height=32, width=32).frames[0]" in code and "export_to_video" in code
+    theirs = _call(pipe, family, prompt=PROMPTS, **kwargs)
     torch.testing.assert_close(theirs, traj.images, atol=1e-4, rtol=0)

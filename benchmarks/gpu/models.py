@@ -3,7 +3,8 @@
 Timings and memory do not depend on trained weights, so the GPU benchmark builds each model of
 the family at its real size from the configuration its Hub checkpoint ships: SD 1.5 (UNet, VAE
 and CLIP ViT-L text encoder), SD 3.5 Medium (MMDiT transformer, VAE, CLIP-L, CLIP-G and T5-XXL
-encoders) and FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL) Z-Image (6.2B DiT, VAE and Qwen3-4B) and Qwen-Image (20.4B MMDiT, video VAE and Qwen2.5-VL-7B). The only stand-in is the
+encoders), FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL), Z-Image (6.2B DiT, VAE and Qwen3-4B), Qwen-Image
+(20.4B MMDiT, video VAE and Qwen2.5-VL-7B) and Wan 2.1 T2V 1.3B (video DiT, video VAE, UMT5-XXL). The only stand-in is the
 tokenizer: the byte-level one of :mod:`loop_trl.testing` (it needs no vocabulary files), which
 gives prompts a realistic token count; the text encoders keep their real vocabulary sizes.
 """
@@ -16,11 +17,13 @@ from loop_trl.testing import TINY_BUILDERS, tiny_clip_tokenizer  # first: loop_t
 from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        UNet2DConditionModel, ZImagePipeline, ZImageTransformer2DModel, AutoencoderKLQwenImage,
-                       QwenImagePipeline, QwenImageTransformer2DModel)
+                       QwenImagePipeline, QwenImageTransformer2DModel, AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline,
+                       WanTransformer3DModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel)
+                          Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel, UMT5Config,
+                          UMT5EncoderModel)
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "POLICY_KWARGS", "build_model"]
 
 
 def _clip_text(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, act: str, projection: int | None = None):
@@ -122,6 +125,23 @@ def build_qwen_image() -> QwenImagePipeline:
                              text_encoder=text_encoder, tokenizer=tokenizer)
 
 
+def build_wan21_1_3b() -> WanPipeline:
+    """Wan-AI/Wan2.1-T2V-1.3B-Diffusers' shapes: the 1.3B video DiT (30 blocks of width 1536), Wan's causal video VAE
+    (diffusers' AutoencoderKLWan defaults are the released config), UMT5-XXL's encoder, and the release's UniPC
+    scheduler on flow sigmas with flow_shift 3 (its 480p setting)."""
+    tokenizer = tiny_clip_tokenizer(model_max_length=512)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                               num_heads=64, feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                                               decoder_start_token_id=0))
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    with torch.device("cpu"):  # the scheduler's own tables (build_model may be drawing on the meta device)
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=AutoencoderKLWan(), transformer=transformer,
+                       scheduler=scheduler)
+
+
 #: model name -> (builder of the full-size pipeline, family of loop_trl.testing.TINY_BUILDERS for --dry_run, pixels)
 MODELS = {
     "sd15": (build_sd15, "stable-diffusion", 512),
@@ -129,7 +149,11 @@ MODELS = {
     "flux_dev": (build_flux_dev, "flux", 512),
     "z_image": (build_z_image, "z-image", 512),
     "qwen_image": (build_qwen_image, "qwen-image", 512),
+    "wan21_1_3b": (build_wan21_1_3b, "wan", 256),
 }
+#: what else a model's policy is built with (the video families' frames: Flow-Factory's Wan recipe trains 5; 33 here
+#: measures a video of 2 seconds at 16 fps)
+POLICY_KWARGS = {"wan21_1_3b": {"num_frames": 33}}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):

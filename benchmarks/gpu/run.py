@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from common import TIMING_PROMPTS, brightness_reward, clock  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
+from models import MODELS, POLICY_KWARGS, build_model  # noqa: E402
 
 VARIANTS = {
     "loop": dict(advantage_estimator="loo", num_samples_per_prompt=4),
@@ -163,17 +163,20 @@ def run_variant(args: argparse.Namespace, model: str, variant: str, device: torc
     """Train ``variant`` on a fresh full-size ``model``; return its medians (and the floor if ``record``)."""
     from loop_trl import LOOPTrainer
     from loop_trl.pipelines import POLICY_CLASSES
+    from loop_trl.rewards import PerFrameReward
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     built = time.perf_counter()
     pipeline = build_model(model, device, dtype, tiny=args.dry_run)
     pixels = 32 if args.dry_run else MODELS[model][2]  # the tiny models are 32 px; the full-size ones MODELS' size
-    policy = POLICY_CLASSES[type(pipeline).__name__](pipeline, lora_rank=args.lora_rank, resolution=pixels)
+    policy = POLICY_CLASSES[type(pipeline).__name__](pipeline, lora_rank=args.lora_rank, resolution=pixels,
+                                                     **POLICY_KWARGS.get(model, {}))
     build_s = time.perf_counter() - built
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as work:
-        trainer = LOOPTrainer(make_config(args, variant, work, model), brightness_reward, TIMING_PROMPTS, policy)
+        reward = PerFrameReward(brightness_reward) if policy.produces_video else brightness_reward  # videos: per frame
+        trainer = LOOPTrainer(make_config(args, variant, work, model), reward, TIMING_PROMPTS, policy)
         epochs = []
         warmup = 0 if args.dry_run else 1
         for epoch in range(warmup + args.epochs):

@@ -19,9 +19,10 @@ from .callbacks import ImageSamplesCallback, LOOPCallback
 from .config import LOOPConfig
 from .objective import clipped_surrogate
 from .flow_sampling import flow_sde_step_with_logprob
-from .pipelines import (DiffusionPolicy, LOOPFlux2KleinPipeline, LOOPFluxPipeline, LOOPQwenImagePipeline,
+from .pipelines import (DiffusionPolicy, LOOPFlux2KleinPipeline, LOOPFlux2Pipeline, LOOPFluxPipeline, LOOPQwenImagePipeline,
                         LOOPStableDiffusion3Pipeline, LOOPStableDiffusionPipeline,
-                        LOOPStableDiffusionXLPipeline, LOOPZImagePipeline, Trajectories, load_policy, policy_class_for)
+                        LOOPStableDiffusionXLPipeline, LOOPWanPipeline, LOOPZImagePipeline, Trajectories, load_policy,
+                        policy_class_for)
 from .sampling import ddim_step_with_logprob
 from .trainer import LOOPTrainer
 
@@ -33,11 +34,13 @@ __all__ = [
     "LOOPCallback",
     "LOOPConfig",
     "LOOPFlux2KleinPipeline",
+    "LOOPFlux2Pipeline",
     "LOOPFluxPipeline",
     "LOOPQwenImagePipeline",
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
     "LOOPStableDiffusionXLPipeline",
+    "LOOPWanPipeline",
     "LOOPZImagePipeline",
     "LOOPTrainer",
     "PerPromptStatTracker",

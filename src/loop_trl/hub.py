@@ -24,7 +24,8 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
                     module_class: str = "UNet2DConditionModel", tags: list[str] | tuple[str, ...] = ("stable-diffusion",),
                     takes_eta: bool = True, scheduler_class: str | None = "DDIMScheduler",
                     scheduler_kwargs: dict | None = None, pipeline_guidance_offset: float = 0.0,
-                    guidance_argument: str = "guidance_scale", extra_call_kwargs: dict | None = None) -> ModelCard:
+                    guidance_argument: str = "guidance_scale", extra_call_kwargs: dict | None = None,
+                    video: bool = False) -> ModelCard:
     """A model card: base model, reward, K, the key settings, and how to load and sample the result.
 
     ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
@@ -38,7 +39,8 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     the pipeline's ``guidance_scale`` adds to loop-trl's (-1 for ``ZImagePipeline``, whose 0 turns guidance
     off); ``guidance_argument`` is the pipeline's name for it (``true_cfg_scale`` for ``QwenImagePipeline``)
     and ``extra_call_kwargs`` what else the pipeline needs to sample as trained (Qwen-Image's negative
-    prompt). A policy's ``model_card_info()`` gives all of these.
+    prompt, Wan's frame count and size). ``video``: the pipeline makes videos (the card writes an MP4). A
+    policy's ``model_card_info()`` gives all of these.
     """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
@@ -57,22 +59,28 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
         load += f"\npipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{extra})  # the sampler it was trained with"
     eta = f', eta={config.get("sample_eta", 1.0)}' if takes_eta else ""
     guidance = config.get("sample_guidance_scale", 5.0)
-    sample = (f'image = pipe(prompt="{example_prompt}", '
+    sample = (f'{"video" if video else "image"} = pipe(prompt="{example_prompt}", '
               f'num_inference_steps={config.get("sample_num_steps", 50)}, '
               f'{guidance_argument}={guidance + pipeline_guidance_offset}{eta}'
-              + "".join(f", {key}={value!r}" for key, value in (extra_call_kwargs or {}).items()) + ').images[0]')
+              + "".join(f", {key}={value!r}" for key, value in (extra_call_kwargs or {}).items())
+              + (').frames[0]' if video else ').images[0]'))
     if takes_eta:
         sample += "  # eta=0.0 samples deterministically"
     if pipeline_guidance_offset:
         sample += f"  # this pipeline's scale for loop-trl's sample_guidance_scale {guidance}"
+    if video:
+        sample += '\nexport_to_video(video, "sample.mp4", fps=16)'
+
+    video_import = "\nfrom diffusers.utils import export_to_video" if video else ""
     k = config.get("num_samples_per_prompt", "K")
     others = f"{k - 1}" if isinstance(k, int) else "K-1"
     card_data = ModelCardData(
         base_model=base_model if base_model_loader is None else None,  # metadata takes Hub ids only
         library_name="diffusers",
         license="openrail++" if base_model and "stable-diffusion-2" in base_model else None,
-        tags=["loop-trl", "text-to-image", *tags, "reinforcement-learning", "lora" if use_lora else "full-finetune"],
-        pipeline_tag="text-to-image",
+        tags=["loop-trl", *([] if video else ["text-to-image"]), *tags, "reinforcement-learning",
+              "lora" if use_lora else "full-finetune"],
+        pipeline_tag="text-to-video" if video else "text-to-image",
     )
     content = f"""---
 {card_data.to_yaml()}
@@ -93,7 +101,7 @@ arXiv:2503.00897).
 
 ```python
 import torch
-from diffusers import {pipeline_class}{', ' + module_class if not use_lora else ''}{', ' + scheduler_class if scheduler_class else ''}
+from diffusers import {pipeline_class}{', ' + module_class if not use_lora else ''}{', ' + scheduler_class if scheduler_class else ''}{video_import}
 
 {load}
 {sample}

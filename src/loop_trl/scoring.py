@@ -15,13 +15,24 @@ from accelerate.utils import gather_object
 
 from .advantages import PerPromptStatTracker, compute_advantages, frac_reward_zero_std, group_reward_std
 from .config import LOOPConfig
-from .rewards.base import MultiReward, as_reward_tensor, component_metrics, is_thread_safe
+from .rewards.base import MultiReward, accepts_video, as_reward_tensor, component_metrics, is_thread_safe, reward_name
 
-__all__ = ["Advantages", "RewardScorer", "advantages_across_processes", "reward_component_metrics"]
+__all__ = ["Advantages", "RewardScorer", "check_reward_input", "advantages_across_processes", "reward_component_metrics"]
 
 logger = logging.getLogger(__name__)  # every process logs its own reward faults
 
 RewardFunction = Callable[[torch.Tensor, Sequence[str], Sequence[Any]], tuple[Any, Any]]
+
+
+def check_reward_input(reward_function: RewardFunction, video: bool) -> None:
+    """Raise TypeError when the reward cannot take what the policy samples (videos or images)."""
+    if video and not accepts_video(reward_function):
+        raise TypeError(f"The policy samples videos, (B, F, 3, H, W), and reward_function {reward_name(reward_function)} "
+                        "scores images. Wrap it as loop_trl.rewards.PerFrameReward(reward) to average it over each "
+                        "video's frames, or give a video reward (one with accepts_video = True).")
+    if not video and accepts_video(reward_function):
+        raise TypeError(f"reward_function {reward_name(reward_function)} scores videos, and the policy samples images; "
+                        "pass the image reward itself (without PerFrameReward).")
 
 
 class RewardScorer:

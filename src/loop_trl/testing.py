@@ -1,4 +1,5 @@
-"""Tiny pipelines of every supported family (SD, SDXL, SD3, FLUX) for tests, examples and benchmarks.
+"""Tiny pipelines of every supported family (SD, SDXL, SD3, FLUX.1, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Wan) for tests,
+examples and benchmarks.
 
 Nothing here downloads anything: the tokenizer's vocabulary is made from the 256 byte
 symbols of CLIP's byte-level BPE, and the models are built from small configs with seeded
@@ -14,16 +15,16 @@ import socket
 
 import torch
 from diffusers import (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       Flux2KleinPipeline, QwenImagePipeline, QwenImageTransformer2DModel, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, ZImagePipeline,
-                       ZImageTransformer2DModel)
-from transformers import (CLIPTextConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Qwen3Config,
-                          Qwen3ForCausalLM, Qwen3Model, T5Config, T5EncoderModel)
+                       Flux2KleinPipeline, Flux2Pipeline, QwenImagePipeline, QwenImageTransformer2DModel, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, UniPCMultistepScheduler,
+                       AutoencoderKLWan, WanPipeline, WanTransformer3DModel, ZImagePipeline, ZImageTransformer2DModel)
+from transformers import (CLIPTextConfig, Mistral3Config, Mistral3ForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3Model, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel)
 
-__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_flux2_klein", "build_tiny_qwen_image",
+__all__ = ["TINY_BUILDERS", "build_tiny_flux", "build_tiny_flux2_dev", "build_tiny_flux2_klein", "build_tiny_qwen_image",
            "build_tiny_stable_diffusion",
            "build_tiny_stable_diffusion_3",
-           "build_tiny_stable_diffusion_xl", "build_tiny_z_image", "save_tiny_pipeline", "save_tiny_stable_diffusion",
+           "build_tiny_stable_diffusion_xl", "build_tiny_wan", "build_tiny_z_image", "save_tiny_pipeline", "save_tiny_stable_diffusion",
            "tiny_clip_tokenizer"]
 
 
@@ -207,14 +208,42 @@ def build_tiny_flux2_klein(seed: int = 0, sample_size: int = 32) -> Flux2KleinPi
     torch.manual_seed(seed)
     tokenizer, hidden = _tiny_chat_tokenizer(), 16
     text_encoder = Qwen3ForCausalLM(_tiny_qwen3_config(tokenizer, hidden, layers=28, heads=2, tie_word_embeddings=True))
-    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                             block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                             sample_size=sample_size)
+    vae = _tiny_flux2_vae(sample_size)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=3 * hidden, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+def _tiny_flux2_vae(sample_size: int) -> AutoencoderKLFlux2:
+    return AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                              block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                              sample_size=sample_size)
+
+
+def build_tiny_flux2_dev(seed: int = 0, sample_size: int = 32) -> Flux2Pipeline:
+    """A randomly initialised FLUX.2 [dev]-shaped pipeline: a guidance-embedding transformer with one double- and one
+    single-stream block, a 30-layer Mistral 3 (with a one-layer Pixtral vision tower the text path never uses; three
+    hidden layers make the prompt, as the pipeline reads them), the batch-normalised FLUX.2 VAE. Its byte-level
+    tokenizer's chat template keeps the user's text only (the pipeline's long system message would fill a short
+    ``max_sequence_length``)."""
+    torch.manual_seed(seed)
+    tokenizer, hidden = tiny_clip_tokenizer(model_max_length=512), 16
+    tokenizer.chat_template = ("{% for message in messages %}{% if message['role'] == 'user' %}{% for part in message['content'] %}"
+                               "{{ part['text'] }}{% endfor %}{% endif %}{% endfor %}")
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=32, patch_size=16),
+        spatial_merge_size=1))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * hidden, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                         vae=_tiny_flux2_vae(sample_size), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
 def build_tiny_qwen_image(seed: int = 0, sample_size: int = 32) -> QwenImagePipeline:
@@ -254,15 +283,34 @@ def build_tiny_z_image(seed: int = 0, sample_size: int = 32) -> ZImagePipeline:
                           text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-#: family name -> builder of a tiny pipeline of that family (all 32 px images)
+def build_tiny_wan(seed: int = 0, sample_size: int = 32) -> WanPipeline:
+    """A randomly initialised Wan-2.1-shaped text-to-video pipeline: a two-block video DiT, a one-layer UMT5
+    encoder on the byte-level tokenizer, Wan's causal video VAE (8x spatial, 4x temporal compression), and the
+    released checkpoints' scheduler, UniPC on flow sigmas with ``flow_shift`` 3 (the 480p setting)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(model_max_length=512)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                               num_heads=2, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+#: family name -> builder of a tiny pipeline of that family (all 32 px images; Wan: 32 px frames)
 TINY_BUILDERS = {
     "stable-diffusion": build_tiny_stable_diffusion,
     "stable-diffusion-xl": build_tiny_stable_diffusion_xl,
     "stable-diffusion-3": build_tiny_stable_diffusion_3,
     "flux": build_tiny_flux,
     "flux2-klein": build_tiny_flux2_klein,
+    "flux2-dev": build_tiny_flux2_dev,
     "qwen-image": build_tiny_qwen_image,
     "z-image": build_tiny_z_image,
+    "wan": build_tiny_wan,
 }
 
 

@@ -32,7 +32,7 @@ from .hub import upload_to_hub, write_model_card
 from .pipelines.base import DiffusionPolicy
 from .prompts import PromptSource
 from .rollout import RolloutCollector
-from .scoring import RewardFunction, RewardScorer, advantages_across_processes, reward_component_metrics
+from .scoring import RewardFunction, RewardScorer, advantages_across_processes, check_reward_input, reward_component_metrics
 from .state import CheckpointFolder, TrainerCheckpoints, forwarded
 from .timesteps import normalized_step_weights, refuse_untrainable_steps
 from .update import PPOUpdate, make_lr_scheduler, make_optimizer, optimizer_steps_per_epoch
@@ -81,6 +81,7 @@ class LOOPTrainer:
         self.train_steps = config.train_timesteps
         self.step_weights = normalized_step_weights(config.train_timestep_weights, config.sample_num_steps, self.train_steps)
         self.policy.check_sampling(config.sample_eta)
+        check_reward_input(self.reward_function, self.policy.produces_video)
         refuse_untrainable_steps(self.policy.zero_variance_steps(config.sample_num_steps), self.train_steps, config.sample_num_steps)
 
         self.accelerator = accelerator = make_accelerator(config)
@@ -149,8 +150,7 @@ class LOOPTrainer:
                                                                 timers)
             metrics.update({k: v for k, v in pass_metrics.items() if inner_epoch == 0 or "onpolicy" not in k})
         # 4. log
-        metrics["train/epoch"] = epoch
-        metrics["time/epoch_s"] = clock(self.accelerator) - started
+        metrics.update({"train/epoch": epoch, "time/epoch_s": clock(self.accelerator) - started})
         metrics.update({f"time/{name}_s": seconds for name, seconds in timers.items()})
         self._log(metrics, global_step)
         self.last_metrics = metrics

@@ -2,7 +2,8 @@
 
     two_process_run.py MODEL_PATH OUT [full|first|resume] [POLICY_KWARGS_JSON]
 
-MODEL_PATH is any supported pipeline folder (loaded with ``load_policy`` and POLICY_KWARGS_JSON).
+MODEL_PATH is any supported pipeline folder (loaded with ``load_policy`` and POLICY_KWARGS_JSON); a video
+family's reward scores each frame.
 
 After every optimizer step it gathers a fingerprint of the trainable weights from both ranks;
 after every epoch it checks that the gathered group ids form whole groups of K samples that each
@@ -19,7 +20,7 @@ import sys
 import torch
 
 from loop_trl import LOOPConfig, LOOPTrainer, load_policy
-from loop_trl.rewards import JpegCompressibility
+from loop_trl.rewards import JpegCompressibility, PerFrameReward
 
 sd_path, out = sys.argv[1], sys.argv[2]
 mode = sys.argv[3] if len(sys.argv) > 3 else "full"  # full | first (stop after epoch 1) | resume
@@ -40,8 +41,9 @@ config = LOOPConfig(num_epochs=2, resume_from="latest" if mode == "resume" else 
                     train_batch_size=4, mixed_precision="no", output_dir=out, train_learning_rate=1e-2,
                     sample_guidance_scale=2.0, seed=0, eval_num_images_per_prompt=3)
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
-trainer = LOOPTrainer(config, JpegCompressibility(), PROMPTS, load_policy(sd_path, **policy_kwargs),
-                      eval_prompts=PROMPTS)
+policy = load_policy(sd_path, **policy_kwargs)
+reward = PerFrameReward(JpegCompressibility()) if policy.produces_video else JpegCompressibility()  # videos: per frame
+trainer = LOOPTrainer(config, reward, PROMPTS, policy, eval_prompts=PROMPTS)
 accelerator = trainer.accelerator
 report = {"rank": accelerator.process_index, "world": accelerator.num_processes, "weight_spread": [], "groups": []}
 

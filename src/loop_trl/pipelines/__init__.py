@@ -5,11 +5,12 @@ from .base import DiffusionPolicy, Trajectories
 from .diffusers_policy import DiffusersPolicy
 from .flow_matching import FlowMatchingPolicy
 from .flux import LOOPFluxPipeline
-from .flux2 import LOOPFlux2KleinPipeline
+from .flux2 import LOOPFlux2KleinPipeline, LOOPFlux2Pipeline
 from .qwen_image import LOOPQwenImagePipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
+from .wan import LOOPWanPipeline
 from .z_image import LOOPZImagePipeline
 
 __all__ = [
@@ -17,11 +18,13 @@ __all__ = [
     "DiffusionPolicy",
     "FlowMatchingPolicy",
     "LOOPFlux2KleinPipeline",
+    "LOOPFlux2Pipeline",
     "LOOPFluxPipeline",
     "LOOPQwenImagePipeline",
     "LOOPStableDiffusion3Pipeline",
     "LOOPStableDiffusionPipeline",
     "LOOPStableDiffusionXLPipeline",
+    "LOOPWanPipeline",
     "LOOPZImagePipeline",
     "POLICY_CLASSES",
     "Trajectories",

@@ -7,11 +7,12 @@ import os
 
 from .diffusers_policy import DiffusersPolicy
 from .flux import LOOPFluxPipeline
-from .flux2 import LOOPFlux2KleinPipeline
+from .flux2 import LOOPFlux2KleinPipeline, LOOPFlux2Pipeline
 from .qwen_image import LOOPQwenImagePipeline
 from .stable_diffusion import LOOPStableDiffusionPipeline
 from .stable_diffusion_3 import LOOPStableDiffusion3Pipeline
 from .stable_diffusion_xl import LOOPStableDiffusionXLPipeline
+from .wan import LOOPWanPipeline
 from .z_image import LOOPZImagePipeline
 
 __all__ = ["POLICY_CLASSES", "load_policy", "policy_class_for"]
@@ -20,7 +21,8 @@ __all__ = ["POLICY_CLASSES", "load_policy", "policy_class_for"]
 POLICY_CLASSES: dict[str, type[DiffusersPolicy]] = {
     cls.pipeline_class.__name__: cls
     for cls in (LOOPStableDiffusionPipeline, LOOPStableDiffusionXLPipeline, LOOPStableDiffusion3Pipeline, LOOPFluxPipeline,
-                LOOPFlux2KleinPipeline, LOOPQwenImagePipeline, LOOPZImagePipeline)
+                LOOPFlux2KleinPipeline, LOOPFlux2Pipeline, LOOPQwenImagePipeline, LOOPZImagePipeline,
+                LOOPWanPipeline)
 }
 
 
@@ -47,7 +49,8 @@ def policy_class_for(name_or_path: str, revision: str | None = None) -> type[Dif
 
 
 def load_policy(name_or_path: str, *, revision: str | None = None, **kwargs) -> DiffusersPolicy:
-    """Load any supported pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image) as the right LOOP policy.
+    """Load any supported pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Wan
+    text-to-video) as the right LOOP policy.
 
     ``kwargs`` go to the policy's ``from_pretrained`` (``torch_dtype``, ``use_lora``, ``lora_rank``,
     ``lora_alpha``, ``lora_target_modules``, ``adapter``, ``lora_seed``, ``resolution``, ...).

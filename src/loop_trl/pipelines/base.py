@@ -50,10 +50,11 @@ class Trajectories:
         negative_conditioning: the same for the unconditional branch of classifier-free guidance,
             or None without it.
         latents: x_T, ..., x_0 in the order visited, (B, T+1, ...): (B, T+1, C, H, W) image latents,
-            or (B, T+1, N, D) packed tokens (FLUX).
+            (B, T+1, N, D) packed tokens (FLUX), or (B, T+1, C, F', H, W) video latents (Wan).
         timesteps: the model's timestep input at each step, (B, T).
         log_probs: log p(x_{t-1} | x_t) under the sampling policy, (B, T).
-        images: decoded final images in [0, 1], (B, 3, H', W').
+        images: decoded final images in [0, 1], (B, 3, H', W'); for a video family
+            (:attr:`DiffusionPolicy.produces_video`) the frames, (B, F, 3, H', W').
         group_ids: the prompt group of each sample, (B,).
         guidance_scale: classifier-free (or, for FLUX, embedded) guidance used when sampling.
         eta: the sampler's stochasticity: DDIM's eta, or the flow SDE's noise level ``a``.
@@ -138,6 +139,8 @@ class DiffusionPolicy(abc.ABC):
     base_model_name: str | None = None
     base_model_loader: str | None = None
     use_lora: bool = True
+    #: whether samples are videos: ``Trajectories.images`` is then (B, F, 3, H, W), and the reward must take videos
+    produces_video: bool = False
 
     @property
     @abc.abstractmethod

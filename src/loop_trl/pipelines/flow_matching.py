@@ -1,4 +1,5 @@
-"""The sampling and scoring loop shared by the rectified-flow transformer families (SD3, FLUX, Qwen-Image, Z-Image).
+"""The sampling and scoring loop shared by the rectified-flow transformer families (SD3, FLUX.1, FLUX.2, Qwen-Image, Z-Image,
+Wan).
 
 A family supplies four small pieces: prompt conditioning, the initial noise, the sigma
 schedule, and one velocity prediction; this class runs a stochastic flow sampler with

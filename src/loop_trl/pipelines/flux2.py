@@ -1,17 +1,55 @@
-"""FLUX.2 [klein] as a LOOP policy: LoRA (or full) fine-tuning of its transformer."""
+"""FLUX.2 as LOOP policies: [klein] (Qwen3 text encoder, classifier-free guidance) and [dev] (Mistral text encoder,
+guidance-distilled), LoRA (or full) fine-tuning of their common transformer.
+
+The two pipelines share the transformer, the VAE, the latent layout and the sigma schedule: those pieces are
+the module's small functions below, each as both pipelines' ``__call__`` does it; each policy class adds its
+own prompt encoding and guidance.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
 from ..sampling import standard_normal
 from .base import Conditioning
 from .flow_matching import FlowMatchingPolicy
 from .latent_layout import flux2_positions, flux2_unpatchify
 
-__all__ = ["LOOPFlux2KleinPipeline"]
+__all__ = ["LOOPFlux2KleinPipeline", "LOOPFlux2Pipeline"]
+
+
+def flux2_sigmas(scheduler, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
+    """The T+1 noise levels: ``linspace(1, 1/T, T)`` shifted by the empirical ``mu`` of the token count (B, 4C, h, w)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+    mu = compute_empirical_mu(image_seq_len=latents.shape[-2] * latents.shape[-1], num_steps=num_steps)
+    scheduler.set_timesteps(num_steps, device="cpu", sigmas=sigmas, mu=mu)
+    return scheduler.sigmas.float().clone()
+
+
+def flux2_forward(transformer, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                  guidance: torch.Tensor | None) -> torch.Tensor:
+    """One transformer call on patchified latents (B, 4C, h, w): flattened into tokens (the pipelines' ``_pack_latents``),
+    with the pipelines' text and image positions; the prediction back in the latents' layout."""
+    b, c, h, w = latents.shape
+    tokens = latents.reshape(b, c, h * w).transpose(1, 2)
+    out = transformer(hidden_states=tokens, timestep=timestep, guidance=guidance, encoder_hidden_states=embeds,
+                      txt_ids=flux2_positions(b, length=embeds.shape[1]).to(latents.device),
+                      img_ids=flux2_positions(b, height=h, width=w).to(latents.device), return_dict=False)[0]
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+@torch.no_grad()
+def flux2_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Patchified, batch-normalised latents (B, 4C, h, w) to images in [0, 1]: the VAE's batch-norm statistics undone,
+    unpatchified, decoded."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+    images = vae.decode(flux2_unpatchify(latents * std + mean).to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 class LOOPFlux2KleinPipeline(FlowMatchingPolicy):
@@ -73,33 +111,70 @@ class LOOPFlux2KleinPipeline(FlowMatchingPolicy):
         return standard_normal((batch, channels, self._grid, self._grid), generator)
 
     def _sigmas(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
-        scheduler = self.pipeline.scheduler
-        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = compute_empirical_mu(image_seq_len=latents.shape[-2] * latents.shape[-1], num_steps=num_steps)
-        scheduler.set_timesteps(num_steps, device="cpu", sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.float().clone()
+        return flux2_sigmas(self.pipeline.scheduler, num_steps, latents)
 
     def _velocity(self, transformer, latents, sigmas, cond, uncond, guidance_scale):
         scale = self.pipeline.scheduler.config.num_train_timesteps
-        b, c, h, w = latents.shape
 
         def forward(x, s, conditioning):
-            embeds = conditioning["prompt_embeds"]
-            tokens = x.reshape(x.shape[0], c, h * w).transpose(1, 2)  # the pipeline's _pack_latents
-            out = transformer(hidden_states=tokens, timestep=(s * scale) / scale, guidance=None, encoder_hidden_states=embeds,
-                              txt_ids=flux2_positions(x.shape[0], length=embeds.shape[1]).to(x.device),
-                              img_ids=flux2_positions(x.shape[0], height=h, width=w).to(x.device), return_dict=False)[0]
-            return out.transpose(1, 2).reshape(x.shape[0], c, h, w)
+            return flux2_forward(transformer, x, (s * scale) / scale, conditioning["prompt_embeds"], None)
 
         return self._guided(forward, latents, sigmas, cond, uncond, guidance_scale)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
-        latents = flux2_unpatchify(latents * std + mean)
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return flux2_decode(self.pipeline.vae, latents)
+
+
+class LOOPFlux2Pipeline(FlowMatchingPolicy):
+    """Wraps a diffusers ``Flux2Pipeline`` (FLUX.2 [dev]) for RL fine-tuning of its transformer.
+
+    As ``Flux2Pipeline.__call__`` does it: the prompt, with the pipeline's system message, goes through the
+    Mistral Small 3.1 text encoder, and three of its hidden layers side by side are the prompt embedding
+    (``prompt_embeds`` (B, L, 3D)); FLUX.2 [dev] is guidance-distilled, so the guidance scale is an input of
+    the transformer (one pass per step, no unconditional branch, no negative prompt; trajectories are
+    scored with the guidance they were sampled with); the latents, sigmas and decoding are FLUX.2 [klein]'s.
+    See :class:`~loop_trl.pipelines.diffusers_policy.DiffusersPolicy` for the common arguments.
+
+    Args:
+        max_sequence_length: Mistral tokens per prompt, system message included (the pipeline's default is 512).
+        text_encoder_out_layers: the hidden layers stacked as the prompt (the pipeline's default).
+    """
+
+    pipeline_class = Flux2Pipeline
+    # the default of diffusers' examples/dreambooth/train_dreambooth_lora_flux2.py (when --lora_layers is not given)
+    default_lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
+    tags = ("flux2", "flux2-dev", "flow-matching")
+
+    def __init__(self, pipeline, *, max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] = (10, 20, 30),
+                 **kwargs):
+        self.max_sequence_length = max_sequence_length
+        self.text_encoder_out_layers = tuple(text_encoder_out_layers)
+        super().__init__(pipeline, **kwargs)
+
+    def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
+        if negative_prompt:
+            raise ValueError("FLUX.2 [dev] is guidance-distilled and takes no negative prompt; leave negative_prompts empty.")
+        embeds, _ = self.pipeline.encode_prompt(list(prompts), device=self.device, max_sequence_length=self.max_sequence_length,
+                                                text_encoder_out_layers=self.text_encoder_out_layers)
+        return {"prompt_embeds": embeds.float()}, None  # the guidance is embedded: no unconditional branch
+
+    def _initial_noise(self, batch: int, generator) -> torch.Tensor:
+        grid = self.resolution // (self.pipeline.vae_scale_factor * 2)
+        return standard_normal((batch, self.pipeline.transformer.config.in_channels, grid, grid), generator)
+
+    def _sigmas(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
+        return flux2_sigmas(self.pipeline.scheduler, num_steps, latents)
+
+    def _velocity(self, transformer, latents, sigmas, cond, uncond, guidance_scale):
+        scale = self.pipeline.scheduler.config.num_train_timesteps
+        guidance = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
+        with self._autocast():
+            return flux2_forward(transformer, latents, (sigmas * scale) / scale, cond["prompt_embeds"], guidance).float()
+
+    def step_distribution(self, trajectories, step, guidance_scale=None, *, denoiser=None):
+        """As :meth:`FlowMatchingPolicy.step_distribution`, always with the sampling guidance: it is an input of the
+        transformer, not classifier-free guidance, so scoring without it (``train_cfg=False``) would score another model."""
+        return super().step_distribution(trajectories, step, guidance_scale=None, denoiser=denoiser)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return flux2_decode(self.pipeline.vae, latents)

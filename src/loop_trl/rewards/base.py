@@ -2,7 +2,8 @@
 
 A reward is any callable ``reward_function(images, prompts, prompt_metadata) -> (rewards,
 reward_metadata)`` with ``images`` a (B, 3, H, W) float tensor in [0, 1] (or PIL images) and
-``rewards`` B numbers. A reward may return NaN for an image it cannot score.
+``rewards`` B numbers. A reward may return NaN for an image it cannot score. A reward that sets
+``accepts_video = True`` scores videos instead: ``images`` is then (B, F, 3, H, W) (the video families).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MultiReward", "as_reward_tensor", "clip_preprocess", "component_metrics", "is_thread_safe",
+__all__ = ["MultiReward", "accepts_video", "as_reward_tensor", "clip_preprocess", "component_metrics", "is_thread_safe",
            "letterbox_preprocess", "load_state_dict_file", "quantize_8bit", "reward_name", "score_in_batches",
            "to_image_tensor"]
 
@@ -145,6 +146,12 @@ def as_reward_tensor(rewards: Any, prompts: Sequence[str]) -> torch.Tensor:
     return values
 
 
+def accepts_video(reward: Callable) -> bool:
+    """Whether ``reward`` scores videos, (B, F, 3, H, W) in [0, 1]: only when it says so (``accepts_video = True``,
+    as :class:`~loop_trl.rewards.PerFrameReward` does); other rewards score images."""
+    return bool(getattr(reward, "accepts_video", False))
+
+
 def is_thread_safe(reward: Callable) -> bool:
     """Whether several threads may call ``reward`` at once: only when it says so (``thread_safe = True``)."""
     return bool(getattr(reward, "thread_safe", False))
@@ -190,8 +197,13 @@ class MultiReward:
                              "give one weight per reward.")
         if not all(math.isfinite(w) for w in weights):
             raise ValueError(f"reward_weights must be finite numbers, got {weights}.")
+        video = {name: accepts_video(reward) for name, reward in named.items()}
+        if len(set(video.values())) > 1:
+            raise ValueError(f"rewards {[n for n, v in video.items() if v]} score videos and {[n for n, v in video.items() if not v]} "
+                             "images; wrap the image rewards in PerFrameReward so that all of them score videos.")
         self.rewards, self.weights = named, torch.tensor(weights, dtype=torch.float64)
         self.thread_safe = all(is_thread_safe(reward) for reward in named.values())
+        self.accepts_video = all(video.values())
         self.__name__ = " + ".join(f"{w:g} x {n}" for n, w in zip(named, weights))
 
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any]) -> tuple[torch.Tensor, dict]:
