@@ -180,6 +180,8 @@ def test_gpu_benchmark_builds_the_published_model_sizes():
     assert z_image["vae"] == flux["vae"]
     qwen = counts("qwen_image")  # Qwen-Image's report: a 20B MMDiT; Qwen2.5-VL-7B-Instruct's card: 8.29B parameters
     assert abs(qwen["transformer"] / 20.0e9 - 1) < 0.03 and abs(qwen["text_encoder"] / 8.29e9 - 1) < 0.001
+    klein = counts("flux2_klein_4b")  # BFL names the model 4B; its text encoder is Qwen3-4B, Z-Image's
+    assert abs(klein["transformer"] / 4.0e9 - 1) < 0.05 and klein["text_encoder"] == z_image["text_encoder"]
     wan = counts("wan21_1_3b")  # the release names its DiT 1.3B; UMT5-XXL's encoder is T5-XXL's with a 256,384-token
     assert abs(wan["transformer"] / 1.3e9 - 1) < 0.1  # vocabulary and a relative-position table in each of its 24 layers
     assert wan["text_encoder"] == sd35["text_encoder_3"] + (256_384 - 32_128) * 4096 + 23 * 32 * 64

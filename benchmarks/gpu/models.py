@@ -4,7 +4,7 @@ Timings and memory do not depend on trained weights, so the GPU benchmark builds
 the family at its real size from the configuration its Hub checkpoint ships: SD 1.5 (UNet, VAE
 and CLIP ViT-L text encoder), SD 3.5 Medium (MMDiT transformer, VAE, CLIP-L, CLIP-G and T5-XXL
 encoders), FLUX.1-dev (12B transformer, VAE, CLIP-L and T5-XXL), Z-Image (6.2B DiT, VAE and Qwen3-4B), Qwen-Image
-(20.4B MMDiT, video VAE and Qwen2.5-VL-7B) and Wan 2.1 T2V 1.3B (video DiT, video VAE, UMT5-XXL). The only stand-in is the
+(20.4B MMDiT, video VAE and Qwen2.5-VL-7B), FLUX.2 [klein] 4B (its DiT, the FLUX.2 VAE and Qwen3-4B) and Wan 2.1 T2V 1.3B (video DiT, video VAE, UMT5-XXL). The only stand-in is the
 tokenizer: the byte-level one of :mod:`loop_trl.testing` (it needs no vocabulary files), which
 gives prompts a realistic token count; the text encoders keep their real vocabulary sizes.
 """
@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from loop_trl.testing import TINY_BUILDERS, tiny_clip_tokenizer  # first: loop_trl quiets transformers' import notices
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, DDIMScheduler, Flux2KleinPipeline, Flux2Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        UNet2DConditionModel, ZImagePipeline, ZImageTransformer2DModel, AutoencoderKLQwenImage,
                        QwenImagePipeline, QwenImageTransformer2DModel, AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline,
                        WanTransformer3DModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel, UMT5Config,
+                          Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM, Qwen3Model, T5Config, T5EncoderModel, UMT5Config,
                           UMT5EncoderModel)
 
 __all__ = ["MODELS", "POLICY_KWARGS", "build_model"]
@@ -89,6 +89,30 @@ def build_flux_dev() -> FluxPipeline:
         text_encoder_2=_t5_xxl(tokenizer), tokenizer_2=tiny_clip_tokenizer())
 
 
+def _qwen3_4b(tokenizer, causal_lm: bool = False):
+    """Qwen/Qwen3-4B's shapes (4.0B parameters, input and output embeddings tied)."""
+    config = Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                         rope_theta=1_000_000.0, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    return Qwen3ForCausalLM(config) if causal_lm else Qwen3Model(config)
+
+
+def build_flux2_klein_4b() -> Flux2KleinPipeline:
+    """black-forest-labs/FLUX.2-klein-base-4B's shapes (the undistilled model people fine-tune, sampled with
+    guidance): a DiT of 5 double- and 20 single-stream blocks of width 3072 (24 heads of 128) reading three
+    Qwen3-4B layers (3 x 2560 = 7680 wide), the FLUX.2 VAE (diffusers' AutoencoderKLFlux2 defaults, 32 latent
+    channels patchified to 128), Qwen3-4B itself. The dimensions are those MLX and C ports read from the
+    release's config files (not checked against the files themselves here: nothing is downloaded)."""
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    transformer = Flux2Transformer2DModel(in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                                          num_attention_heads=24, joint_attention_dim=7680, mlp_ratio=3.0,
+                                          guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=AutoencoderKLFlux2(), text_encoder=_qwen3_4b(tokenizer, causal_lm=True),
+                              tokenizer=tokenizer, transformer=transformer)
+
+
 def build_z_image() -> ZImagePipeline:
     """Tongyi-MAI/Z-Image's shapes: 6.2B-parameter single-stream DiT (diffusers' ZImageTransformer2DModel defaults
     are the released config), FLUX.1's 16-channel VAE, Qwen3-4B as the text encoder. The tokenizer's chat
@@ -96,10 +120,7 @@ def build_z_image() -> ZImagePipeline:
     against the release (timings do not depend on it)."""
     tokenizer = tiny_clip_tokenizer()
     tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-    text_encoder = Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                                          max_position_embeddings=40960, rope_theta=1_000_000.0,
-                                          pad_token_id=tokenizer.pad_token_id))
+    text_encoder = _qwen3_4b(tokenizer)
     return ZImagePipeline(
         transformer=ZImageTransformer2DModel(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
@@ -149,6 +170,7 @@ MODELS = {
     "flux_dev": (build_flux_dev, "flux", 512),
     "z_image": (build_z_image, "z-image", 512),
     "qwen_image": (build_qwen_image, "qwen-image", 512),
+    "flux2_klein_4b": (build_flux2_klein_4b, "flux2-klein", 512),
     "wan21_1_3b": (build_wan21_1_3b, "wan", 256),
 }
 #: what else a model's policy is built with (the video families' frames: Flow-Factory's Wan recipe trains 5; 33 here

@@ -3,7 +3,8 @@
     python benchmarks/gpu/run.py --output_dir benchmarks/results/gpu                  # on a GPU
     python benchmarks/gpu/run.py --dry_run --output_dir /tmp/gpu-dry                   # CPU, tiny models, one epoch
 
-For each model (SD 1.5 and SD 3.5 Medium by default, FLUX.1-dev, Z-Image and Qwen-Image with ``--models ... flux_dev z_image qwen_image``),
+For each model (SD 1.5 and SD 3.5 Medium by default; FLUX.1-dev, Z-Image, Qwen-Image, FLUX.2 [klein] 4B and Wan 2.1 1.3B with
+``--models ... flux_dev z_image qwen_image flux2_klein_4b wan21_1_3b``),
 built at full size from its published config with random weights (see models.py; timings and
 memory need no trained weights, and the device machine cannot reach the Hub), it trains a LoRA
 in bf16 with TF32 matmuls and measures, for each variant:
