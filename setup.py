@@ -29,7 +29,7 @@ setup(
         "matplotlib",  # reward curves and benchmark plots
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard", "hypothesis", "matplotlib", "rapidocr_onnxruntime>=1.4", "werkzeug>=3",
+        "test": ["pytest>=8", "pytest-xdist>=3", "scipy", "tensorboard", "hypothesis", "matplotlib", "rapidocr_onnxruntime>=1.4", "werkzeug>=3",
                  "requests>=2.31", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # the API reference site
         "server": ["werkzeug>=3", "requests>=2.31"],  # the reward server and RemoteReward

@@ -51,6 +51,9 @@ METHODS = {
     "reinforce_loo": dict(advantage_estimator="loo", num_samples_per_prompt=4, train_num_inner_epochs=1,
                           train_clip_range=float("inf")),
     "grpo": dict(advantage_estimator="group_norm", num_samples_per_prompt=4),
+    # LOOP with other numbers of images per prompt (at equal images per epoch: 64 / K prompts)
+    "loop_k2": dict(advantage_estimator="loo", num_samples_per_prompt=2),
+    "loop_k8": dict(advantage_estimator="loo", num_samples_per_prompt=8),
 }
 
 

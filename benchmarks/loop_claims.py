@@ -1,0 +1,284 @@
+"""LOOP's claims, measured on the shapes testbed with intervals: robustness to hyperparameters, the
+number of images per prompt K, and prompts that rarely repeat.
+
+    python benchmarks/loop_claims.py --study rare_prompts      # run what is missing, then report
+    python benchmarks/loop_claims.py --study k --report_only   # report from the cached runs only
+
+Each study is a set of cells; a cell is one ``benchmarks/compare_algorithms.py`` invocation with the
+example's current training settings (cosine decay from lr 2e-3 over 28 epochs of 64 images, steps
+0-5 trained, 4 of 6 drawn per trajectory and pass) and the cell's own flags, writing under
+``benchmarks/results/claims/<study>/<cell>/``. compare_algorithms runs every (method, seed, lr)
+in its own process and caches it as ``runs/<name>.json``, so a study spreads over several
+sittings: an interrupted command resumes at the first missing run. ``--cells`` runs a part.
+
+Studies:
+
+* ``rare_prompts``: all four prompt families (262 training prompts) instead of the 110 binding
+  prompts. LOOP draws 448 prompts in a run (each about 1.7 times); PPO, one image per prompt,
+  draws 1,792 (each 6 or 7 times), more than the testbed's grammar has prompts to keep it at two,
+  so PPO runs with ``--ppo_min_count 8``: its tracker never reaches a prompt's own statistics, as
+  on a prompt set where each prompt comes back at most twice, and normalises by the batch. The
+  same LOOP-minus-PPO difference where prompts repeat comes from the binding runs of
+  ``benchmarks/results/compare_cosine`` (tracker engaged for 82% of PPO's rewards).
+* ``k``: LOOP at K = 2, 4, 8 with 64 images per epoch (32, 16, 8 prompts), and LOOP at K = 4 with
+  64 prompts per epoch (256 images) against PPO's 64 x 1, read against images and against the
+  summed epoch times (take those from runs made one at a time).
+* ``robustness``: LOOP, PPO and GRPO-style over lr {1e-3, 2e-3, 4e-3} x clip range {1, 2.5, 6.25}
+  times ``scaled_clip_range(1e-4, (4, 16, 16))`` = 4e-4 (DDPO's clip range moved to the testbed's
+  latent size; the example uses 2.5x, 1e-3), 3 seeds per cell: a heat map per method.
+
+The report (``claims.md`` in the study's folder, also printed) gives, per comparison, each side's
+mean over seeds (its standard deviation), the difference with Welch's 95% interval over seeds, the
+same difference's interval from the evaluation images alone, whether it is separated, and the
+seeds per method a two-sided t-test would need to separate a difference of that size with 80%
+power (``benchmarks/separation.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from separation import difference_interval, evaluation_interval, seeds_to_separate  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "claims")
+#: examples/train_shapes.py's training settings, as in docs/benchmarks.md's second comparison
+CURRENT = ["--epochs", "28", "--lr_scheduler", "cosine", "--timestep_stop", "-4", "--timestep_fraction", "0.67",
+           "--timesteps_per_forward", "4", "--sample_batch_size", "64", "--eval_every", "7"]
+ALL_FAMILIES = ["--families", "single", "binding", "counting", "spatial"]
+#: DDPO's 1e-4 for SD 1.x latents moved to the testbed's 4x16x16 (loop_trl.objective.scaled_clip_range)
+CLIP_UNIT = 4e-4
+CLIP_MULTIPLES = (1.0, 2.5, 6.25)
+LEARNING_RATES = ("1e-3", "2e-3", "4e-3")
+
+STUDIES: dict[str, dict[str, list[str]]] = {
+    "rare_prompts": {
+        "all_families": CURRENT + ALL_FAMILIES + ["--methods", "loop", "ppo", "--ppo_min_count", "8"],
+    },
+    "k": {
+        "equal_images": CURRENT + ["--methods", "loop_k2", "loop", "loop_k8"],
+        "equal_prompts": CURRENT + ["--methods", "loop", "--images_per_epoch", "256"],
+    },
+    "robustness": {
+        f"clip{m:g}x": CURRENT + ["--methods", "loop", "ppo", "grpo", "--clip_range", f"{CLIP_UNIT * m:.6g}",
+                                  "--learning_rates", *LEARNING_RATES]
+        for m in CLIP_MULTIPLES
+    },
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--study", required=True, choices=list(STUDIES), help="which claim to measure")
+    parser.add_argument("--cells", nargs="+", default=None, help="run only these cells of the study (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every method and cell")
+    parser.add_argument("--results", default=RESULTS, help="folder of the studies' cells")
+    parser.add_argument("--report_only", action="store_true", help="report from the cached runs; train nothing")
+    return parser.parse_args(argv)
+
+
+def load_runs(folder: str) -> list[dict]:
+    """Every finished run of one compare_algorithms folder (base.json left out)."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(folder, "runs", "*.json"))):
+        if os.path.basename(path) != "base.json":
+            with open(path) as f:
+                runs.append(json.load(f))
+    return runs
+
+
+def final(run: dict, metric: str) -> tuple[float, float]:
+    """A run's last value of ``metric`` and its standard error over the evaluation images."""
+    if metric == "train_strict":
+        return run["evals"][-1]["strict"], run["evals"][-1]["strict_sem"]
+    if metric == "heldout_strict":
+        return run["heldout"]["overall"], run["heldout"]["overall_sem"]
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def compare(name: str, a: list[dict], b: list[dict], metric: str) -> dict:
+    """One comparison row: side a minus side b on ``metric``, over the seeds each side has."""
+    values_a, sems_a = zip(*(final(r, metric) for r in a))
+    values_b, sems_b = zip(*(final(r, metric) for r in b))
+    interval = difference_interval(values_a, values_b)
+    pooled_sd = float(np.sqrt((np.var(values_a, ddof=1) + np.var(values_b, ddof=1)) / 2))
+    eval_low, eval_high = evaluation_interval(interval["diff"], float(np.mean(sems_a)), float(np.mean(sems_b)),
+                                              min(len(a), len(b)))
+    return {"comparison": name, "metric": metric, "seeds": (len(a), len(b)),
+            "a": (float(np.mean(values_a)), float(np.std(values_a, ddof=1))),
+            "b": (float(np.mean(values_b)), float(np.std(values_b, ddof=1))),
+            **interval, "eval_low": eval_low, "eval_high": eval_high,
+            "seeds_needed": seeds_to_separate(interval["diff"], pooled_sd)}
+
+
+def tracker_engaged(runs: list[dict]) -> float:
+    values = [e["tracker_engaged_fraction"] for r in runs for e in r["epochs"] if e.get("tracker_engaged_fraction") is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def comparison_table(rows: list[dict]) -> list[str]:
+    lines = ["| comparison (a - b) | metric | seeds | a: mean (sd) | b: mean (sd) | a - b [95% over seeds] | "
+             "[95% from evaluation images] | separated | seeds per method to separate (80% power) |",
+             "|" + " --- |" * 9]
+    for r in rows:
+        lines.append(f"| {r['comparison']} | {r['metric']} | {r['seeds'][0]}, {r['seeds'][1]} | {r['a'][0]:.3f} ({r['a'][1]:.3f}) | "
+                     f"{r['b'][0]:.3f} ({r['b'][1]:.3f}) | {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | "
+                     f"[{r['eval_low']:+.3f}, {r['eval_high']:+.3f}] | {'yes' if r['separated'] else 'no'} | "
+                     f"{r['seeds_needed'] if r['seeds_needed'] < 10_000 else '> 10,000'} |")
+    return lines
+
+
+def by_method(runs: list[dict], method: str, lr: float | None = None) -> list[dict]:
+    return [r for r in runs if r["method"] == method and (lr is None or abs(r["lr"] - lr) < 1e-12)]
+
+
+def report_rare_prompts(folder: str) -> list[str]:
+    rare = load_runs(os.path.join(folder, "all_families"))
+    repeated = load_runs(os.path.join(HERE, "results", "compare_cosine"))
+    lines, rows = [], []
+    for label, runs in (("262 prompts, PPO's tracker never engaged", rare), ("110 binding prompts (compare_cosine)", repeated)):
+        loop, ppo = by_method(runs, "loop"), by_method(runs, "ppo")
+        if len(loop) >= 2 and len(ppo) >= 2:
+            rows += [compare(f"LOOP - PPO, {label}", loop, ppo, m) for m in ("train_strict", "heldout_strict")]
+            lines.append(f"- {label}: PPO's tracker normalised {tracker_engaged(ppo):.0%} of its rewards by the prompt's own statistics.")
+    return comparison_table(rows) + [""] + lines
+
+
+def report_k(folder: str) -> list[str]:
+    equal_images = load_runs(os.path.join(folder, "equal_images"))
+    equal_prompts = load_runs(os.path.join(folder, "equal_prompts"))
+    ppo = by_method(load_runs(os.path.join(HERE, "results", "compare_cosine")), "ppo")
+    rows = []
+    k4 = by_method(equal_images, "loop")
+    for other in ("loop_k2", "loop_k8"):
+        if len(k4) >= 2 and len(by_method(equal_images, other)) >= 2:
+            rows += [compare(f"{other} - loop (K=4), equal images", by_method(equal_images, other), k4, "train_strict")]
+    if len(equal_prompts) >= 2 and len(ppo) >= 2:
+        rows += [compare("LOOP K=4 x 64 prompts - PPO 64 x 1, equal prompts", by_method(equal_prompts, "loop"), ppo, m)
+                 for m in ("train_strict", "heldout_strict")]
+    lines = comparison_table(rows) + ["", "| run | images | summed epoch time (s) | final strict (mean over seeds) |",
+                                      "| --- | --- | --- | --- |"]
+    for label, runs in (("K=2, 64 images/epoch", by_method(equal_images, "loop_k2")), ("K=4, 64 images/epoch", k4),
+                        ("K=8, 64 images/epoch", by_method(equal_images, "loop_k8")),
+                        ("K=4, 256 images/epoch", by_method(equal_prompts, "loop")), ("PPO 64 x 1 (compare_cosine)", ppo)):
+        if runs:
+            seconds = np.mean([sum(e["time_epoch_s"] for e in r["epochs"]) for r in runs])
+            lines.append(f"| {label} | {runs[0]['epochs'][-1]['images']} | {seconds:.0f} | "
+                         f"{np.mean([final(r, 'train_strict')[0] for r in runs]):.3f} |")
+    plot_k(folder, {"K=2": by_method(equal_images, "loop_k2"), "K=4": k4, "K=8": by_method(equal_images, "loop_k8"),
+                    "K=4, 256 images/epoch": by_method(equal_prompts, "loop"), "PPO": ppo})
+    return lines
+
+
+def plot_k(folder: str, groups: dict[str, list[dict]]) -> None:
+    """Training-prompt accuracy against sampled images and against summed epoch time, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, runs in groups.items():
+        if not runs:
+            continue
+        points = [r["evals"] for r in runs]
+        images = [p["images"] for p in points[0]]
+        mean = np.mean([[p["strict"] for p in run] for run in points], axis=0)
+        per_epoch = np.mean([[e["time_epoch_s"] for e in r["epochs"]] for r in runs], axis=0)
+        images_per_epoch = runs[0]["epochs"][0]["images"]
+        seconds = [float(np.sum(per_epoch[:i // images_per_epoch])) for i in images]
+        axes[0].plot(images, mean, marker="o", label=label)
+        axes[1].plot(seconds, mean, marker="o", label=label)
+    axes[0].set(xlabel="sampled images", ylabel="strict accuracy, fixed training prompts")
+    axes[1].set(xlabel="summed epoch time (s)", ylabel="strict accuracy, fixed training prompts")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("LOOP's K: mean over seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "k_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def robustness_grid(folder: str, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean final strict, its standard error over seeds, seeds) per (clip multiple, lr) cell of ``method``."""
+    shape = (len(CLIP_MULTIPLES), len(LEARNING_RATES))
+    mean, sem, count = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, dtype=int)
+    for i, multiple in enumerate(CLIP_MULTIPLES):
+        runs = load_runs(os.path.join(folder, f"clip{multiple:g}x"))
+        for j, lr in enumerate(LEARNING_RATES):
+            values = [final(r, "train_strict")[0] for r in by_method(runs, method, float(lr))]
+            count[i, j] = len(values)
+            if values:
+                mean[i, j] = np.mean(values)
+                sem[i, j] = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
+    return mean, sem, count
+
+
+def report_robustness(folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| method | cells with runs | worst cell (clip x, lr) | best cell | mean over cells | sd over cells |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method in ("loop", "ppo", "grpo"):
+        mean, sem, count = robustness_grid(folder, method)
+        if not np.isfinite(mean).any():
+            continue
+        worst, best = np.unravel_index(np.nanargmin(mean), mean.shape), np.unravel_index(np.nanargmax(mean), mean.shape)
+        cell = lambda ij: f"{mean[ij]:.3f} ({CLIP_MULTIPLES[ij[0]]:g}x, {LEARNING_RATES[ij[1]]})"  # noqa: E731
+        lines.append(f"| {method} | {int(np.isfinite(mean).sum())} of {mean.size} | {cell(worst)} | {cell(best)} | "
+                     f"{np.nanmean(mean):.3f} | {np.nanstd(mean, ddof=1) if np.isfinite(mean).sum() > 1 else float('nan'):.3f} |")
+        fig, ax = plt.subplots(figsize=(4.5, 3.6))
+        image = ax.imshow(mean, cmap="viridis", origin="lower")
+        for i in range(mean.shape[0]):
+            for j in range(mean.shape[1]):
+                if count[i, j]:
+                    ax.text(j, i, f"{mean[i, j]:.3f}\n±{sem[i, j]:.3f}\nn={count[i, j]}", ha="center", va="center",
+                            fontsize=7, color="white")
+        ax.set_xticks(range(len(LEARNING_RATES)), LEARNING_RATES)
+        ax.set_yticks(range(len(CLIP_MULTIPLES)), [f"{m:g}x ({CLIP_UNIT * m:.1e})" for m in CLIP_MULTIPLES])
+        ax.set(xlabel="learning rate", ylabel="clip range (x DDPO's, scaled)", title=f"{method}: final strict accuracy")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, f"robustness_{method}.png"), dpi=120)
+        plt.close(fig)
+    return lines
+
+
+REPORTS = {"rare_prompts": report_rare_prompts, "k": report_k, "robustness": report_robustness}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    folder = os.path.join(args.results, args.study)
+    cells = STUDIES[args.study]
+    unknown = set(args.cells or ()) - set(cells)
+    if unknown:
+        raise SystemExit(f"unknown cell(s) {sorted(unknown)} of study {args.study!r}; choose from {list(cells)}")
+    if not args.report_only:
+        for cell in args.cells or cells:
+            command = [sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir",
+                       os.path.join(folder, cell), *cells[cell], "--seeds", *map(str, args.seeds)]
+            print("$", " ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True)
+    os.makedirs(folder, exist_ok=True)
+    text = "\n".join(REPORTS[args.study](folder)) + "\n"
+    with open(os.path.join(folder, "claims.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

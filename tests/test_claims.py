@@ -1,0 +1,115 @@
+"""The statistics behind docs/benchmarks.md's claims (benchmarks/separation.py) and the claims report
+(benchmarks/loop_claims.py) read from cached runs."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from test_examples import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import loop_claims  # noqa: E402
+from separation import difference_interval, evaluation_interval, seeds_to_separate  # noqa: E402
+
+
+def test_the_interval_over_seeds_is_welchs_and_covers_the_true_difference_95_percent_of_the_time():
+    a, b = [0.29, 0.37, 0.22], [0.27, 0.32, 0.25, 0.30]
+    ours = difference_interval(a, b)
+    theirs = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (ours["low"], ours["high"]) == pytest.approx((theirs.low, theirs.high), abs=1e-12)
+    rng = np.random.default_rng(0)
+    covered = 0
+    trials = 3000
+    for _ in range(trials):  # three seeds each, the methods varying unequally over seeds, true difference 0.05
+        x, y = rng.normal(0.35, 0.06, 3), rng.normal(0.30, 0.02, 3)
+        interval = difference_interval(x, y)
+        covered += interval["low"] <= 0.05 <= interval["high"]
+    assert 0.93 <= covered / trials <= 0.975  # Welch is slightly conservative at n = 3
+    assert difference_interval([0.1, 0.1], [0.1, 0.1])["separated"] is False
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        difference_interval([0.3], [0.2, 0.25])
+
+
+def test_the_seeds_needed_match_the_published_power_tables_and_simulation():
+    # two-sided two-sample t-test, alpha 0.05, power 0.8 (Cohen 1988; G*Power gives the same): d = 0.5 -> 64, 0.8 -> 26, 1 -> 17
+    assert [seeds_to_separate(d, 1.0) for d in (0.5, 0.8, 1.0)] == [64, 26, 17]
+    assert seeds_to_separate(-0.8, 1.0) == 26 and seeds_to_separate(0.0, 0.05) == 10_000
+    n = seeds_to_separate(0.04, 0.03)
+    rng = np.random.default_rng(1)
+
+    def power(seeds):
+        x, y = rng.normal(0.04, 0.03, (4000, seeds)), rng.normal(0.0, 0.03, (4000, seeds))
+        return float(np.mean(stats.ttest_ind(x, y, axis=1).pvalue < 0.05))
+
+    assert power(n) >= 0.78 and power(n - 1) < 0.8
+
+
+def test_the_evaluation_interval_shrinks_with_seeds():
+    low, high = evaluation_interval(0.02, 0.03, 0.04, seeds=1)
+    assert (high - low) / 2 == pytest.approx(1.959964 * 0.05, rel=1e-5)
+    low3, high3 = evaluation_interval(0.02, 0.03, 0.04, seeds=4)
+    assert (high3 - low3) == pytest.approx((high - low) / 2, rel=1e-9)
+
+
+def fake_run(method, seed, lr, final_strict, heldout, images_per_epoch=64, epochs=4, engaged=None):
+    return {"method": method, "seed": seed, "lr": lr, "peak_memory_mb": 1.0,
+            "epochs": [{"epoch": e + 1, "images": (e + 1) * images_per_epoch, "reward_mean": 0.5, "time_epoch_s": 10.0,
+                        "tracker_engaged_fraction": engaged} for e in range(epochs)],
+            "evals": [{"images": 0, "strict": 0.14, "strict_sem": 0.025, "score": 0.4},
+                      {"images": epochs * images_per_epoch, "strict": final_strict, "strict_sem": 0.03, "score": 0.5}],
+            "heldout": {"overall": heldout, "overall_sem": 0.04}}
+
+
+def write_runs(folder, runs):
+    os.makedirs(folder / "runs", exist_ok=True)
+    for r in runs:
+        (folder / "runs" / f"{r['method']}_seed{r['seed']}_lr{r['lr']:g}.json").write_text(json.dumps(r))
+
+
+def test_the_rare_prompt_report_compares_loop_with_ppo_and_says_whether_it_is_separated(tmp_path, capsys):
+    cell = tmp_path / "rare_prompts" / "all_families"
+    write_runs(cell, [fake_run("loop", s, 2e-3, 0.40 + 0.01 * s, 0.35) for s in range(3)]
+               + [fake_run("ppo", s, 2e-3, 0.20 + 0.01 * s, 0.35, engaged=0.0) for s in range(3)])
+    loop_claims.main(["--study", "rare_prompts", "--report_only", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| LOOP - PPO, 262 prompts") and "train_strict" in line)
+    assert "| +0.200 [+0." in row and "| yes |" in row  # 0.41 - 0.21, every seed 0.2 apart
+    assert "tracker never engaged: PPO's tracker normalised 0% of its rewards" in out
+    assert (tmp_path / "rare_prompts" / "claims.md").read_text() == out.rstrip("\n") + "\n"
+    with pytest.raises(SystemExit, match="unknown cell"):
+        loop_claims.main(["--study", "rare_prompts", "--cells", "nope", "--results", str(tmp_path)])
+
+
+def test_the_k_report_reads_images_and_time_and_draws_the_curves(tmp_path, capsys):
+    study = tmp_path / "k"
+    write_runs(study / "equal_images", [fake_run(m, s, 2e-3, v + 0.02 * s, 0.3) for s in range(3)
+                                        for m, v in (("loop_k2", 0.25), ("loop", 0.30), ("loop_k8", 0.28))])
+    write_runs(study / "equal_prompts", [fake_run("loop", s, 2e-3, 0.45, 0.4, images_per_epoch=256) for s in range(3)])
+    loop_claims.main(["--study", "k", "--report_only", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| loop_k2 - loop (K=4), equal images | train_strict | 3, 3 | 0.270 (0.020) | 0.320 (0.020) | -0.050" in out
+    assert "| K=4, 256 images/epoch | 1024 | 40 | 0.450 |" in out
+    assert (study / "k_curves.png").stat().st_size > 10_000
+
+
+def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_method(tmp_path, capsys):
+    study = tmp_path / "robustness"
+    for i, multiple in enumerate(loop_claims.CLIP_MULTIPLES):
+        runs = []
+        for j, lr in enumerate(loop_claims.LEARNING_RATES):
+            for s in range(3):
+                runs.append(fake_run("loop", s, float(lr), 0.30 + 0.01 * s, 0.3))
+                runs.append(fake_run("ppo", s, float(lr), 0.10 * (i + 1) + 0.01 * j + 0.01 * s, 0.3))
+        write_runs(study / f"clip{multiple:g}x", runs)
+    loop_claims.main(["--study", "robustness", "--report_only", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| loop | 9 of 9 | 0.310 (1x, 1e-3) |" in out and "| 0.310 | 0.000 |" in out  # flat: sd over cells 0
+    assert "| ppo | 9 of 9 | 0.110 (1x, 1e-3) | 0.330 (6.25x, 4e-3) |" in out
+    assert {"robustness_loop.png", "robustness_ppo.png"} <= set(os.listdir(study))
+    assert "grpo" not in out  # no runs, no row
+    cell_flags = loop_claims.STUDIES["robustness"]["clip2.5x"]
+    assert cell_flags[cell_flags.index("--clip_range") + 1] == "0.001"  # the example's own clip range is the middle row
