@@ -41,6 +41,7 @@ class GenerateArguments:
     height: Optional[int] = field(default=None, metadata={"help": "Image height (default: the model's)."})
     width: Optional[int] = field(default=None, metadata={"help": "Image width (default: the model's)."})
     num_frames: Optional[int] = field(default=None, metadata={"help": "Video pipelines (Wan): frames per video, 4k + 1 (default: the pipeline's 81; pass the num_frames the adapter was trained with, which its model card shows)."})
+    expert: Optional[str] = field(default=None, metadata={"help": "Wan 2.2 A14B: the expert the adapter was trained on, 'high_noise' (transformer, the default) or 'low_noise' (transformer_2; its model card says load_into_transformer_2=True)."})
     fps: int = field(default=16, metadata={"help": "Video pipelines: frames per second of the written GIFs and MP4s."})
     output_dir: str = field(default="samples", metadata={"help": "Where the PNGs (GIFs for videos) and grid.png go."})
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
@@ -51,16 +52,20 @@ class GenerateArguments:
 
 def load_pipeline(args: GenerateArguments, device: str, dtype: torch.dtype) -> DiffusionPipeline:
     family = policy_class_for(args.base)
+    if args.expert not in (None, "high_noise", "low_noise"):
+        raise ValueError(f"--expert must be 'high_noise' or 'low_noise' (Wan 2.2 A14B), got {args.expert!r}.")
+    low_noise = args.expert == "low_noise"
+    module_name = "transformer_2" if low_noise else family.module_name
     extra = dict(family.from_pretrained_kwargs)
-    module_config = os.path.join(args.adapter or "", family.module_name, "config.json")
+    module_config = os.path.join(args.adapter or "", module_name, "config.json")
     full_finetune = bool(args.adapter) and os.path.isfile(module_config)
     if full_finetune:  # a fine-tuned UNet or transformer replaces the base model's
         with open(module_config) as f:
             module_class = getattr(diffusers, json.load(f)["_class_name"])
-        extra[family.module_name] = module_class.from_pretrained(args.adapter, subfolder=family.module_name, dtype=dtype)
+        extra[module_name] = module_class.from_pretrained(args.adapter, subfolder=module_name, dtype=dtype)
     pipe = DiffusionPipeline.from_pretrained(args.base, dtype=dtype, **extra)
     if args.adapter and not full_finetune:
-        pipe.load_lora_weights(args.adapter)
+        pipe.load_lora_weights(args.adapter, **({"load_into_transformer_2": True} if low_noise else {}))
     if args.scheduler not in ("trained", "default"):
         raise ValueError(f"--scheduler must be 'trained' or 'default', got {args.scheduler!r}.")
     if args.scheduler == "trained" and issubclass(family, LOOPStableDiffusionPipeline):  # SDXL's policy is one too

@@ -63,6 +63,7 @@ class ScriptArguments:
     num_frames: Optional[int] = field(default=None, metadata={"help": "Video families (Wan): frames per video, 4k + 1 (default: the pipeline's 81). The image reward then scores every frame and averages (PerFrameReward)."})
     height: Optional[int] = field(default=None, metadata={"help": "Video families (Wan): frame height in pixels (default: --resolution, else 480)."})
     width: Optional[int] = field(default=None, metadata={"help": "Video families (Wan): frame width in pixels (default: --resolution, else 832)."})
+    expert: Optional[str] = field(default=None, metadata={"help": "Wan 2.2 A14B (two experts), required there: 'high_noise' trains transformer (the steps with timestep >= boundary_ratio x 1000), 'low_noise' trains transformer_2 (the rest); set --train_timestep_start/--train_timestep_stop to that expert's steps (a wrong range is refused with the right one)."})
 
 
 def make_reward(args: ScriptArguments):
@@ -90,13 +91,13 @@ def main() -> None:
                                  "a reward that needs no weights (--reward jpeg_compressibility)."):
         reward = make_reward(args)
     targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()] if args.lora_target_modules else None
-    video = {key: value for key, value in dict(num_frames=args.num_frames, height=args.height, width=args.width).items()
-             if value is not None}
+    video = {key: value for key, value in dict(num_frames=args.num_frames, height=args.height, width=args.width,
+                                               expert=args.expert).items() if value is not None}
     with exit_if_hub_unreachable("the base model", args.pretrained_model + (f" and adapter {args.init_adapter}" if args.init_adapter else ""),
                                  "Pass a local folder in diffusers format: --pretrained_model /path/to/model."):
         family = policy_class_for(args.pretrained_model, args.pretrained_revision)
         if video and not family.produces_video:
-            raise SystemExit(f"--num_frames, --height and --width are for video families (Wan); {args.pretrained_model} "
+            raise SystemExit(f"--num_frames, --height, --width and --expert are for video families (Wan); {args.pretrained_model} "
                              f"is a {family.pipeline_class.__name__}: use --resolution.")
         policy = load_policy(
             args.pretrained_model, revision=args.pretrained_revision, torch_dtype=dtypes[args.load_dtype],

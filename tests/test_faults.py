@@ -225,8 +225,6 @@ def test_train_cfg_off_with_guidance_warns_at_config_time(tmp_path):
 
 
 def test_evaluation_vets_the_reward_and_reports_each_component(tmp_path, tiny_sd_path):
-    from loop_trl.rewards import MultiReward
-
     def brightness(images, prompts, metadata):
         return images.mean(dim=(1, 2, 3)), {}
 

@@ -12,7 +12,7 @@ from transformers import BertTokenizer
 from test_reward_transforms import openai_clip_reference
 
 from loop_trl.rewards import ImageReward
-from loop_trl.rewards.image_reward import (CLIP_MEAN, CLIP_STD, SCORE_MEAN, SCORE_STD, ImageRewardModel,
+from loop_trl.rewards.image_reward import (SCORE_MEAN, SCORE_STD, ImageRewardModel,
                                            blip_vision_to_transformers)
 
 PROMPTS = ["a red circle", "a blue square on the left", "two green triangles"]

@@ -6,7 +6,6 @@ import pathlib
 import pickle
 
 import pytest
-import torch
 
 from loop_trl import LOOPStableDiffusionPipeline
 

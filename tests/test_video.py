@@ -65,10 +65,10 @@ def test_bad_video_settings_are_refused_by_name(wan_path):
         load_policy(wan_path, resolution=32, **{**KWARGS, "num_frames": 6})
     with pytest.raises(ValueError, match="width must be a positive multiple of 16 .*got 40"):
         load_policy(wan_path, height=32, width=40, **KWARGS)
-    pipe = build_tiny_wan()
-    pipe.transformer_2 = pipe.transformer  # stands in for Wan 2.2 A14B's second expert
-    with pytest.raises(ValueError, match="two experts .*transformer_2=None"):
-        LOOPWan(pipe)
+    with pytest.raises(ValueError, match="two experts .*pass expert='high_noise' .* or expert='low_noise'"):
+        LOOPWan(build_tiny_wan(two_experts=True))
+    with pytest.raises(ValueError, match="expert='low_noise' is for Wan 2.2 A14B's two experts"):
+        LOOPWan(build_tiny_wan(), expert="low_noise")
 
 
 def test_non_square_frames_sample_as_the_plain_pipeline_samples(wan_path):
@@ -112,6 +112,86 @@ def test_wan22_ti2v_takes_one_timestep_per_token_as_its_pipeline_does(tmp_path):
     theirs = plain(prompt=PROMPTS, num_frames=5, height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
                    latents=ode.latents[:, 0], output_type="pt", max_sequence_length=16).frames
     torch.testing.assert_close(theirs, ode.images, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_wan22_a14b_trains_one_expert_and_its_adapter_loads_into_that_expert_in_plain_diffusers(tmp_path, expert):
+    """Two experts split at boundary_ratio 0.875: the policy samples with both as WanPipeline does, trains only the
+    chosen one on its own steps (the trainer names the range), and the adapter, loaded as the card says
+    (load_into_transformer_2 for the low-noise expert, lora_alpha 8 != rank 4), reproduces the policy's video."""
+    build_tiny_wan(two_experts=True).save_pretrained(tmp_path / "a14b")
+    path = str(tmp_path / "a14b")
+    policy = _lora_on(load_policy(path, resolution=32, expert=expert, lora_alpha=8, **KWARGS))
+    trained, frozen = ("transformer", "transformer_2") if expert == "high_noise" else ("transformer_2", "transformer")
+    assert policy.trainable_module is getattr(policy.pipeline, trained)
+    assert not any("lora" in n for n, _ in getattr(policy.pipeline, frozen).named_parameters())
+    # 6 shifted steps at timesteps 1000, 923, 819, 668, 432, 9: the high-noise expert denoises the first two
+    own_steps = [0, 1] if expert == "high_noise" else [2, 3, 4, 5]
+    assert policy.zero_variance_steps(6) == [i for i in range(6) if i not in own_steps]
+    traj = policy.sample(PROMPTS, num_steps=6, guidance_scale=3.0, eta=0.7, generator=torch.Generator().manual_seed(0))
+    assert (traj.log_probs[:, own_steps] != 0).all() and (traj.log_probs[:, [i for i in range(6) if i not in own_steps]] == 0).all()
+    for j in own_steps:  # re-scored on-policy, with gradients to every LoRA matrix of the trained expert
+        policy.trainable_module.zero_grad()
+        logp = policy.log_prob(traj, j)
+        assert (logp - traj.log_probs[:, j]).abs().max() < 1e-5
+        logp.sum().backward()
+        lora = [p for n, p in policy.trainable_module.named_parameters() if "lora_A" in n]
+        assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+    # a batch whose rows sit on either side of the boundary goes to each row's expert
+    other = next(i for i in range(6) if i not in own_steps)
+    sigmas = torch.stack([traj.sigmas[0, own_steps[0]], traj.sigmas[1, other]])
+    args = (traj.conditioning, traj.negative_conditioning, 3.0)
+    with torch.no_grad():
+        mixed = policy._velocity(policy.trainable_module, traj.latents[:, 0], sigmas, *args)
+        for row in (0, 1):
+            alone = policy._velocity(policy.trainable_module, traj.latents[row:row + 1, 0], sigmas[row:row + 1],
+                                     *({k: v[row:row + 1] for k, v in c.items()} for c in args[:2]), 3.0)
+            torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-6, rtol=0)
+
+    def trainer(**fields):
+        config = LOOPConfig(num_epochs=1, sample_num_steps=6, sample_batch_size=4, num_samples_per_prompt=2, train_batch_size=4,
+                            sample_guidance_scale=1.0, mixed_precision="no", output_dir=str(tmp_path / expert), **fields)
+        return LOOPTrainer(config, PerFrameReward(JpegCompressibility()), PROMPTS, policy)
+
+    fix = "train_timestep_stop=-4" if expert == "high_noise" else "train_timestep_start=2"
+    with pytest.raises(ValueError, match=f"expert this run does not train.*Leave them out with {fix}"):
+        trainer()
+    frozen_before = {k: v.clone() for k, v in getattr(policy.pipeline, frozen).state_dict().items()}
+    run = trainer(**{fix.split("=")[0]: int(fix.split("=")[1])})
+    run.step(0, 0)
+    assert run.last_metrics["train/onpolicy_max_abs_logratio"] < 1e-5
+    assert all(torch.equal(v, getattr(policy.pipeline, frozen).state_dict()[k]) for k, v in frozen_before.items())
+
+    ode = policy.sample(PROMPTS, num_steps=6, guidance_scale=3.0, eta=0.7, generator=torch.Generator().manual_seed(1),
+                        stochastic_steps=[])
+    folder = str(tmp_path / f"adapter-{expert}")
+    policy.save_weights(folder)
+    load_kwargs = policy.model_card_info().get("lora_load_kwargs", {})
+    assert load_kwargs == ({"load_into_transformer_2": True} if expert == "low_noise" else {})
+    from loop_trl.hub import make_model_card
+
+    card = make_model_card(base_model=path, reward_name="r", config={}, **policy.model_card_info()).content
+    assert f'pipe.load_lora_weights("<this repository or folder>"{", load_into_transformer_2=True" if load_kwargs else ""})' in card
+    plain = WanPipeline.from_pretrained(path)
+    plain.scheduler = FlowMatchEulerDiscreteScheduler.from_config(plain.scheduler.config, shift=3.0)
+    plain.load_lora_weights(folder, **load_kwargs)
+    theirs = plain(prompt=PROMPTS, num_frames=5, height=32, width=32, num_inference_steps=6, guidance_scale=3.0,
+                   latents=ode.latents[:, 0], output_type="pt", max_sequence_length=16).frames
+    torch.testing.assert_close(theirs, ode.images, atol=1e-4, rtol=0)
+    # examples/generate.py --expert puts the adapter where the card does
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    try:
+        from generate import GenerateArguments, load_pipeline
+    finally:
+        sys.path.pop(0)
+    deployed = load_pipeline(GenerateArguments(base=path, adapter=folder, expert=expert), "cpu", torch.float32)
+    assert getattr(getattr(deployed, trained), "peft_config", None) and not getattr(getattr(deployed, frozen), "peft_config", None)
+    reloaded = load_policy(path, resolution=32, expert=expert, adapter=folder, **KWARGS)
+    again = reloaded.sample(PROMPTS, num_steps=6, guidance_scale=3.0, eta=0.7, generator=torch.Generator().manual_seed(1),
+                            stochastic_steps=[])
+    torch.testing.assert_close(again.images, ode.images, atol=1e-5, rtol=0)
 
 
 def test_per_frame_reward_is_the_mean_of_the_image_reward_over_frames():

@@ -25,7 +25,7 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
                     takes_eta: bool = True, scheduler_class: str | None = "DDIMScheduler",
                     scheduler_kwargs: dict | None = None, pipeline_guidance_offset: float = 0.0,
                     guidance_argument: str = "guidance_scale", extra_call_kwargs: dict | None = None,
-                    video: bool = False) -> ModelCard:
+                    video: bool = False, lora_load_kwargs: dict | None = None) -> ModelCard:
     """A model card: base model, reward, K, the key settings, and how to load and sample the result.
 
     ``base_model_loader`` is Python code that creates the base pipeline as ``pipe`` (for a base
@@ -39,8 +39,9 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     the pipeline's ``guidance_scale`` adds to loop-trl's (-1 for ``ZImagePipeline``, whose 0 turns guidance
     off); ``guidance_argument`` is the pipeline's name for it (``true_cfg_scale`` for ``QwenImagePipeline``)
     and ``extra_call_kwargs`` what else the pipeline needs to sample as trained (Qwen-Image's negative
-    prompt, Wan's frame count and size). ``video``: the pipeline makes videos (the card writes an MP4). A
-    policy's ``model_card_info()`` gives all of these.
+    prompt, Wan's frame count and size). ``video``: the pipeline makes videos (the card writes an MP4).
+    ``lora_load_kwargs`` go to ``load_lora_weights`` (Wan 2.2 A14B's low-noise expert: ``load_into_transformer_2``).
+    A policy's ``model_card_info()`` gives all of these.
     """
     base = base_model or "<base model id or folder>"
     target = repo_id or "<this repository or folder>"
@@ -48,7 +49,7 @@ def make_model_card(*, base_model: str | None, reward_name: str, config: dict[st
     if use_lora:
         load = (base_model_loader or
                 f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")')
-        load += f'\npipe.load_lora_weights("{target}")'
+        load += f'\npipe.load_lora_weights("{target}"' + "".join(f", {k}={v!r}" for k, v in (lora_load_kwargs or {}).items()) + ")"
     else:
         load = (f'{module_name} = {module_class}.from_pretrained("{target}", subfolder="{module_name}", '
                 f'torch_dtype=torch.bfloat16)\n')

@@ -283,21 +283,26 @@ def build_tiny_z_image(seed: int = 0, sample_size: int = 32) -> ZImagePipeline:
                           text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def build_tiny_wan(seed: int = 0, sample_size: int = 32) -> WanPipeline:
+def build_tiny_wan(seed: int = 0, sample_size: int = 32, two_experts: bool = False) -> WanPipeline:
     """A randomly initialised Wan-2.1-shaped text-to-video pipeline: a two-block video DiT, a one-layer UMT5
     encoder on the byte-level tokenizer, Wan's causal video VAE (8x spatial, 4x temporal compression), and the
-    released checkpoints' scheduler, UniPC on flow sigmas with ``flow_shift`` 3 (the 480p setting)."""
+    released checkpoints' scheduler, UniPC on flow sigmas with ``flow_shift`` 3 (the 480p setting).
+
+    ``two_experts``: Wan 2.2 A14B's layout, a second DiT (``transformer_2``, its own weights) for the timesteps
+    under ``boundary_ratio`` 0.875 x 1000 (the released A14B's text-to-video boundary)."""
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer(model_max_length=512)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1,
                                                num_heads=2, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
     vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
                            latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0])
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    experts = [WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                     qk_norm="rms_norm_across_heads", rope_max_seq_len=32) for _ in range(1 + two_experts)]
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    second = dict(transformer_2=experts[1], boundary_ratio=0.875) if two_experts else {}
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=experts[0], scheduler=scheduler,
+                       **second)
 
 
 #: family name -> builder of a tiny pipeline of that family (all 32 px images; Wan: 32 px frames)

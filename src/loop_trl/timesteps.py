@@ -65,10 +65,15 @@ def refuse_untrainable_steps(zero_variance_steps: Sequence[int], train_steps: Se
     """Raise if a trained step is one the scheduler makes deterministic (no log-probability to train)."""
     untrainable = sorted(set(zero_variance_steps) & set(train_steps))
     if untrainable:
-        stop = untrainable[0] - num_steps if untrainable[0] < num_steps - 1 else -1
+        trainable = [i for i in range(num_steps) if i not in set(zero_variance_steps)]
+        if trainable and max(zero_variance_steps) < min(trainable):  # the untrainable steps come first
+            fix = f"train_timestep_start={min(trainable)}"
+        else:
+            stop = untrainable[0] - num_steps if untrainable[0] < num_steps - 1 else -1
+            fix = f"train_timestep_stop={stop}"
         raise ValueError(
             f"Denoising step(s) {untrainable} of the {num_steps}-step schedule carry no noise under this policy's "
             f"sampler, so they are deterministic and have no log-probability to train (DDIM: the schedule's last "
             f"timestep is 0, e.g. timestep_spacing='leading' with steps_offset=0, fixed by the scheduler's "
             f"steps_offset=1 as in the released SD checkpoints; the flow sampler 'cps': the step that lands at sigma "
-            f"0). Leave them out with train_timestep_stop={stop}.")
+            f"0; Wan 2.2 A14B: the steps of the expert this run does not train). Leave them out with {fix}.")

@@ -157,6 +157,12 @@ class DiffusersPolicy(DiffusionPolicy):
         return getattr(self.pipeline, self.module_name)
 
     @property
+    def adapter_prefix(self) -> str:
+        """The name the trained module's LoRA weights are saved under (diffusers' ``<prefix>.`` keys and
+        ``<prefix>_lora_layers``): the module's own, except where diffusers loads a module's adapter under another."""
+        return self.module_name
+
+    @property
     def unet(self) -> torch.nn.Module:
         """The UNet (TRL DDPO's name). For the transformer families use :attr:`trainable_module`."""
         if self.module_name != "unet":
@@ -276,8 +282,8 @@ class DiffusersPolicy(DiffusionPolicy):
         # load_lora_weights takes lora_alpha = r and an adapter with alpha != r loads at the wrong strength
         self.pipeline_class.save_lora_weights(
             save_directory, weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-            **{f"{self.module_name}_lora_layers": layers,
-               f"{self.module_name}_lora_adapter_metadata": module.peft_config[ADAPTER_NAME].to_dict()})
+            **{f"{self.adapter_prefix}_lora_layers": layers,
+               f"{self.adapter_prefix}_lora_adapter_metadata": module.peft_config[ADAPTER_NAME].to_dict()})
 
     def load_weights(self, directory: str) -> None:
         """Load weights written by :meth:`save_weights` (a folder or, for LoRA, a Hub id).
@@ -294,7 +300,7 @@ class DiffusersPolicy(DiffusionPolicy):
             module.load_state_dict(loaded.state_dict())
             return
         state_dict, network_alphas, metadata = self._read_lora(directory)
-        prefix = f"{self.module_name}."
+        prefix = f"{self.adapter_prefix}."
         current = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
         if current is not None and _same_lora(current, state_dict, network_alphas, metadata):
             module_state = {k.removeprefix(prefix): v for k, v in state_dict.items()}
@@ -308,7 +314,7 @@ class DiffusersPolicy(DiffusionPolicy):
             module.delete_adapters(ADAPTER_NAME)
         # diffusers' own path (what load_lora_weights calls): the LoRA config from the file's metadata, or
         # inferred from the weights and kohya-style alphas; the layers injected; the weights loaded
-        module.load_lora_adapter(state_dict, prefix=self.module_name, adapter_name=ADAPTER_NAME,
+        module.load_lora_adapter(state_dict, prefix=self.adapter_prefix, adapter_name=ADAPTER_NAME,
                                  network_alphas=network_alphas, metadata=metadata)
         for name, param in module.named_parameters():
             if "lora_" in name:  # trainable, and fp32 like every trainable weight
@@ -322,7 +328,7 @@ class DiffusersPolicy(DiffusionPolicy):
         loaded = self.pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
         state_dict, metadata = loaded[0], loaded[-1]  # (state_dict, [network_alphas,] metadata)
         network_alphas = loaded[1] if len(loaded) == 3 else None
-        prefix = f"{self.module_name}."
+        prefix = f"{self.adapter_prefix}."
         others = sorted({k.split(".")[0] for k in state_dict if not k.startswith(prefix)})
         if others:
             raise ValueError(f"The adapter in {directory!r} has LoRA weights for {others}; loop-trl trains only "

@@ -35,8 +35,13 @@ class LOOPWanPipeline(FlowMatchingPolicy):
       sampler that was trained.
     - Wan 2.2 TI2V-5B (``expand_timesteps``) takes one timestep per latent token; in text-to-video they
       are all the step's timestep.
-    - Wan 2.2 A14B's two experts (``transformer_2`` with a ``boundary_ratio``) are refused at construction:
-      the trainer trains one module.
+    - Wan 2.2 A14B has two experts: ``transformer`` denoises the steps whose timestep is at least
+      ``boundary_ratio * num_train_timesteps`` (high noise), ``transformer_2`` the rest. A run trains one
+      of them (``expert``), as people train A14B's LoRAs: the policy samples with both, the other expert's
+      steps are deterministic (Euler) and never trained, so ``train_timestep_start``/``stop`` must select
+      the trained expert's steps (the trainer names the range). The saved adapter is diffusers' format for
+      that expert: ``pipe.load_lora_weights(folder)`` for the high-noise one, with
+      ``load_into_transformer_2=True`` for the low-noise one (the model card says which).
 
     See :class:`~loop_trl.pipelines.diffusers_policy.DiffusersPolicy` for the common arguments; ``resolution``
     (square) is overridden by ``height`` and ``width``.
@@ -46,6 +51,8 @@ class LOOPWanPipeline(FlowMatchingPolicy):
             trains 5).
         height, width: frame size in pixels (default: ``resolution`` if given, else the pipeline's 480 x 832).
         max_sequence_length: UMT5 tokens per prompt (the pipeline's default is 226).
+        expert: Wan 2.2 A14B only, and required there: ``"high_noise"`` (``transformer``) or ``"low_noise"``
+            (``transformer_2``), the expert this run trains.
     """
 
     pipeline_class = WanPipeline
@@ -54,12 +61,10 @@ class LOOPWanPipeline(FlowMatchingPolicy):
     produces_video = True
 
     def __init__(self, pipeline, *, num_frames: int = 81, height: int | None = None, width: int | None = None,
-                 max_sequence_length: int = 226, **kwargs):
-        if isinstance(pipeline, WanPipeline) and (pipeline.transformer is None or pipeline.transformer_2 is not None):
-            raise ValueError("This Wan pipeline has two experts (transformer_2 and a boundary_ratio: Wan 2.2 A14B); "
-                             "loop-trl trains one module, so it supports Wan 2.1 and Wan 2.2 TI2V-5B. Train A14B's "
-                             "experts one at a time by loading the pipeline with transformer_2=None.")
+                 max_sequence_length: int = 226, expert: str | None = None, **kwargs):
         if isinstance(pipeline, WanPipeline):
+            self._check_experts(pipeline, expert)
+            self.module_name = {None: "transformer", "high_noise": "transformer", "low_noise": "transformer_2"}[expert]
             temporal = pipeline.vae_scale_factor_temporal
             if num_frames < 1 or (num_frames - 1) % temporal:
                 raise ValueError(f"num_frames must be {temporal}k + 1 for this VAE (1, {temporal + 1}, {2 * temporal + 1}, "
@@ -72,6 +77,46 @@ class LOOPWanPipeline(FlowMatchingPolicy):
             if side < 1 or side % self.resolution_multiple:
                 raise ValueError(f"{name} must be a positive multiple of {self.resolution_multiple} for "
                                  f"{type(self).__name__}, got {side}.")
+
+    @staticmethod
+    def _check_experts(pipeline: WanPipeline, expert: str | None) -> None:
+        two = pipeline.transformer_2 is not None or pipeline.config.boundary_ratio is not None
+        if pipeline.transformer is None:
+            raise ValueError("This Wan pipeline has no transformer (the high-noise expert); load the whole checkpoint.")
+        if two and (pipeline.transformer_2 is None or pipeline.config.boundary_ratio is None):
+            raise ValueError("This Wan pipeline has half of Wan 2.2 A14B's two experts (transformer_2 and boundary_ratio "
+                             "go together); load the whole checkpoint.")
+        if two and expert not in ("high_noise", "low_noise"):
+            raise ValueError(f"This Wan pipeline has two experts (Wan 2.2 A14B): pass expert='high_noise' to train "
+                             f"transformer (the steps with timestep >= boundary_ratio {pipeline.config.boundary_ratio} x "
+                             f"num_train_timesteps) or expert='low_noise' to train transformer_2 (the rest); got {expert!r}.")
+        if not two and expert is not None:
+            raise ValueError(f"expert={expert!r} is for Wan 2.2 A14B's two experts; this pipeline has one transformer.")
+
+    @property
+    def adapter_prefix(self) -> str:
+        return "transformer"  # diffusers saves either expert's LoRA as the transformer's (load_into_transformer_2 picks)
+
+    def _boundary(self) -> float | None:
+        """The timestep from which on (downwards) transformer_2 denoises, or None for one expert."""
+        ratio = self.pipeline.config.boundary_ratio
+        return None if ratio is None else ratio * self.pipeline.scheduler.config.num_train_timesteps
+
+    def _trains_step(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Which of ``timesteps`` the trained expert denoises."""
+        boundary = self._boundary()
+        if boundary is None:
+            return torch.ones_like(timesteps, dtype=torch.bool)
+        high = timesteps >= boundary
+        return high if self.module_name == "transformer" else ~high
+
+    def zero_variance_steps(self, num_steps: int) -> list[int]:
+        """With two experts, the steps of the one not trained (sampled with Euler steps, never trained)."""
+        if self._boundary() is None:
+            return super().zero_variance_steps(num_steps)
+        timesteps = self._sigmas(num_steps, None)[:-1] * self.pipeline.scheduler.config.num_train_timesteps
+        other = (~self._trains_step(timesteps)).nonzero().flatten().tolist()
+        return sorted(set(other) | set(super().zero_variance_steps(num_steps)))
 
     @property
     def resolution_multiple(self) -> int:
@@ -94,8 +139,11 @@ class LOOPWanPipeline(FlowMatchingPolicy):
         self.pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, **self.scheduler_overrides)
 
     def model_card_info(self) -> dict:
-        return {**super().model_card_info(), "video": True,
+        info = {**super().model_card_info(), "video": True,
                 "extra_call_kwargs": {"num_frames": self.num_frames, "height": self.height, "width": self.width}}
+        if self.module_name == "transformer_2":
+            info["lora_load_kwargs"] = {"load_into_transformer_2": True}
+        return info
 
     def _encode(self, prompts: list[str], guided: bool, negative_prompt: str | None) -> tuple[Conditioning, Conditioning | None]:
         positive, negative = self.pipeline.encode_prompt(
@@ -113,6 +161,23 @@ class LOOPWanPipeline(FlowMatchingPolicy):
         return standard_normal((batch, *self._latent_shape()), generator)
 
     def _velocity(self, transformer, latents, sigmas, cond, uncond, guidance_scale):
+        """The trained expert's velocity (``transformer``, maybe the trainer's wrapped module); with two experts the
+        other, frozen one's for the samples at its timesteps (as WanPipeline switches at the boundary)."""
+        scale = self.pipeline.scheduler.config.num_train_timesteps
+        trained = self._trains_step(sigmas * scale)
+        if trained.all():
+            return self._expert_velocity(transformer, latents, sigmas, cond, uncond, guidance_scale)
+        other = self.pipeline.transformer_2 if self.module_name == "transformer" else self.pipeline.transformer
+        if not trained.any():
+            return self._expert_velocity(other, latents, sigmas, cond, uncond, guidance_scale)
+        pick = lambda c, rows: None if c is None else {k: v[rows] for k, v in c.items()}  # noqa: E731
+        velocity = torch.empty_like(latents, dtype=torch.float32)
+        for module, rows in ((transformer, trained), (other, ~trained)):
+            velocity[rows] = self._expert_velocity(module, latents[rows], sigmas[rows], pick(cond, rows), pick(uncond, rows),
+                                                   guidance_scale)
+        return velocity
+
+    def _expert_velocity(self, transformer, latents, sigmas, cond, uncond, guidance_scale):
         scale = self.pipeline.scheduler.config.num_train_timesteps
         dtype = self.inference_dtype
         _, frames, h, w = latents.shape[1:]

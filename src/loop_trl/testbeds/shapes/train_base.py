@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import time
 
