@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .base import as_reward_tensor, is_thread_safe, reward_name, to_image_tensor
+from .base import accepts_video, as_reward_tensor, is_thread_safe, reward_name, to_image_tensor
 
 __all__ = ["PerFrameReward"]
 
@@ -37,7 +37,7 @@ class PerFrameReward:
     def __init__(self, reward: Callable[[Any, Sequence[str], Sequence[Any]], tuple[Any, Any]], frame_stride: int = 1):
         if not callable(reward):
             raise TypeError("PerFrameReward wraps an image reward: reward(images, prompts, prompt_metadata).")
-        if getattr(reward, "accepts_video", False):
+        if accepts_video(reward):
             raise ValueError(f"{reward_name(reward)} already scores videos; pass it to the trainer as it is.")
         if int(frame_stride) != frame_stride or frame_stride < 1:
             raise ValueError(f"frame_stride must be a positive integer, got {frame_stride!r}.")
