@@ -28,7 +28,16 @@ def launch_two(sd_path, out, mode="full", policy_kwargs=None):
         result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
+    (out / "launch_stderr.txt").write_text(result.stderr)
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def threads_at_exit(out, rank):
+    """The thread names rank `rank` recorded at exit (None without /proc); a missing record fails with the
+    launch's stderr, where an exception in an exit handler is printed while the process still exits 0."""
+    record = out / f"threads_at_exit_{rank}.json"
+    assert record.is_file(), (out / "launch_stderr.txt").read_text()[-4000:]
+    return json.loads(record.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +72,7 @@ def test_two_processes_train_the_video_family(tmp_path_factory):
         assert report["world"] == 2 and report["steps"] == 8 and max(report["weight_spread"]) == 0.0
         assert report["groups"] == [[[4, 1]] * 8, [[4, 1]] * 8]
     for rank in (0, 1):
-        threads = json.loads((root / "out" / f"threads_at_exit_{rank}.json").read_text())
+        threads = threads_at_exit(root / "out", rank)
         assert threads is None or not [t for t in threads if "gloo" in t], threads
 
 
@@ -73,7 +82,7 @@ def test_the_trainer_leaves_the_group_at_exit_by_itself(two_process_run):
     machine). The script never calls end_training(); after the trainer's exit handler, none may be left."""
     out, _ = two_process_run
     for rank in (0, 1):
-        threads = json.loads((out / f"threads_at_exit_{rank}.json").read_text())
+        threads = threads_at_exit(out, rank)
         if threads is None:
             pytest.skip("no /proc/self/task on this system")
         assert "python" in threads and not [t for t in threads if "gloo" in t], threads

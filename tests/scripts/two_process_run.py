@@ -28,10 +28,23 @@ policy_kwargs = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 torch.use_deterministic_algorithms(True)
 
 
+def thread_name(task: str) -> str | None:
+    """The name of one of this process's threads, or None if it ended after /proc listed it."""
+    try:
+        with open(f"/proc/self/task/{task}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def record_threads_at_exit():
-    """Registered before the trainer exists, so it runs after the trainer's own exit handler (last in, first out)."""
+    """Registered before the trainer exists, so it runs after the trainer's own exit handler (last in, first out).
+    A thread that ends between listing and reading is skipped (it is not alive at exit); raising here would
+    lose the record while the process still exits 0."""
     tasks = "/proc/self/task"
-    threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
+    threads = None
+    if os.path.isdir(tasks):
+        threads = [name for name in map(thread_name, os.listdir(tasks)) if name is not None]
     with open(f"{out}/threads_at_exit_{int(os.environ.get('RANK', 0))}.json", "w") as f:
         json.dump(threads, f)
 
