@@ -28,25 +28,32 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "examples", "train_shapes.py")
 
+#: what every setting before the current defaults ran with: 28 epochs (evaluated and saved halfway), no SDE window
+BEFORE_WINDOW = ["--num_epochs", "28", "--save_freq", "14", "--eval_freq", "14", "--sample_sde_window", "false"]
 #: the example's defaults before issue #23 (steps 0-5 eligible, 4 of 6 drawn), which most settings change one thing of
-PREVIOUS = ["--train_timestep_stop", "-4", "--train_timestep_fraction", "0.67"]
-#: steps 0-3, all four trained: the example's defaults since issue #23
-EARLY_STEPS = ["--train_timestep_stop", "-6", "--train_timestep_fraction", "1.0"]
+PREVIOUS = BEFORE_WINDOW + ["--train_timestep_stop", "-4", "--train_timestep_fraction", "0.67"]
+#: steps 0-3, all four trained: the example's defaults from issue #23's first round
+EARLY_STEPS = BEFORE_WINDOW + ["--train_timestep_stop", "-6", "--train_timestep_fraction", "1.0"]
 EPOCHS48 = ["--num_epochs", "48", "--save_freq", "24", "--eval_freq", "24"]
+#: the example's defaults since 2026-12-07: early steps, only they stochastic (the SDE window), 40 epochs
+ADOPTED = "early_steps_sde_window_epochs40"
 
-#: name -> the example's flags (each given in full, so a setting's meaning does not move with the defaults)
+#: name -> the example's flags, each given in full (a later flag wins over an earlier one), so that a
+#: setting's meaning, and its cached result's, does not move with the example's defaults
 SETTINGS = {
     "previous_defaults": PREVIOUS,
     "guidance3": PREVIOUS + ["--sample_guidance_scale", "3"],
     "sde_window": PREVIOUS + ["--sample_sde_window", "true"],
     "beta0.1": PREVIOUS + ["--beta", "0.1"],
     "epochs48": PREVIOUS + EPOCHS48,
-    "all_steps": ["--train_timestep_stop", "10", "--train_timestep_fraction", "0.4"],
+    "all_steps": BEFORE_WINDOW + ["--train_timestep_stop", "10", "--train_timestep_fraction", "0.4"],
     "early_steps": EARLY_STEPS,
     "early_steps_sde_window": EARLY_STEPS + ["--sample_sde_window", "true"],
     "early_steps_epochs48": EARLY_STEPS + EPOCHS48,
     "early_steps_eta0.5": EARLY_STEPS + ["--sample_eta", "0.5"],
     "early_steps_guidance3": EARLY_STEPS + ["--sample_guidance_scale", "3"],
+    "early_steps_strict_bonus0.5": EARLY_STEPS + ["--strict_bonus", "0.5"],
+    ADOPTED: EARLY_STEPS + ["--sample_sde_window", "true", "--num_epochs", "40", "--save_freq", "20", "--eval_freq", "20"],
 }
 
 

@@ -5,8 +5,9 @@ number of images per prompt K, and prompts that rarely repeat.
     python benchmarks/loop_claims.py --study k --report_only   # report from the cached runs only
 
 Each study is a set of cells; a cell is one ``benchmarks/compare_algorithms.py`` invocation with the
-example's current training settings (cosine decay from lr 2e-3 over 28 epochs of 64 images, steps
-0-5 trained, 4 of 6 drawn per trajectory and pass) and the cell's own flags, writing under
+training settings of ``benchmarks/results/compare_cosine`` (the example's before issue #23: cosine decay
+from lr 2e-3 over 28 epochs of 64 images, steps 0-5 trained, 4 of 6 drawn per trajectory and pass, no
+SDE window), so that every study can be read beside those runs, and the cell's own flags, writing under
 ``benchmarks/results/claims/<study>/<cell>/``. compare_algorithms runs every (method, seed, lr)
 in its own process and caches it as ``runs/<name>.json``, so a study spreads over several
 sittings: an interrupted command resumes at the first missing run. ``--cells`` runs a part.
@@ -50,7 +51,7 @@ from separation import difference_interval, evaluation_interval, seeds_to_separa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "claims")
-#: examples/train_shapes.py's training settings, as in docs/benchmarks.md's second comparison
+#: benchmarks/results/compare_cosine's training settings (docs/benchmarks.md's second comparison)
 CURRENT = ["--epochs", "28", "--lr_scheduler", "cosine", "--timestep_stop", "-4", "--timestep_fraction", "0.67",
            "--timesteps_per_forward", "4", "--sample_batch_size", "64", "--eval_every", "7"]
 ALL_FAMILIES = ["--families", "single", "binding", "counting", "spatial"]

@@ -245,8 +245,20 @@ def test_deployed_ablation_reads_its_cache_and_summarizes_gains_over_the_base(tm
     # the setting the example adopted is the example's defaults (the docs' table and the README quote both)
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     try:
-        from train_shapes import defaults
+        from train_shapes import ShapesArguments, defaults
     finally:
         sys.path.pop(0)
-    flags = deployed_ablation.SETTINGS["early_steps"]
-    assert (int(flags[1]), float(flags[3])) == (defaults()["train_timestep_stop"], defaults()["train_timestep_fraction"])
+    from trl import TrlParser
+
+    from loop_trl import LOOPConfig
+
+    def example_config(flags):  # parsed as the example parses its command line
+        parser = TrlParser((LOOPConfig, ShapesArguments))
+        parser.set_defaults(**defaults())
+        return parser.parse_args_into_dataclasses(args=flags)
+
+    # the adopted setting's flags give exactly the example's defaults: the docs quote its rows as the defaults
+    assert example_config(deployed_ablation.SETTINGS[deployed_ablation.ADOPTED]) == example_config([])
+    # an older setting keeps what it ran with, whatever the example's defaults are now
+    older, _ = example_config(deployed_ablation.SETTINGS["early_steps"])
+    assert (older.num_epochs, older.sample_sde_window, older.train_timestep_stop) == (28, False, -6)

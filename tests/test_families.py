@@ -310,8 +310,11 @@ def test_the_other_flow_samplers_sample_rescore_and_train(family, sde_type, tiny
     if sde_type == "cps":  # its last step lands on the image without noise: training it is refused by name
         with pytest.raises(ValueError, match=r"step\(s\) \[2\] .*'cps'.*train_timestep_stop=-1"):
             LOOPTrainer(LOOPConfig(**config), JpegCompressibility(), PROMPTS, policy)
-        with pytest.raises(ValueError, match=r"cps.*must lie in \(0, 1\], got 1.5"):
+        with pytest.raises(ValueError, match=r"sample_eta=1.5: .*cps.*must lie in \(0, 1\], got 1.5"):
             LOOPTrainer(LOOPConfig(**{**config, "sample_eta": 1.5, "train_timestep_stop": -1}), JpegCompressibility(),
+                        PROMPTS, policy)
+        with pytest.raises(ValueError, match=r"eval_eta=1.5: .*cps.*must lie in \(0, 1\], got 1.5"):  # not at the first evaluation
+            LOOPTrainer(LOOPConfig(**{**config, "eval_eta": 1.5, "train_timestep_stop": -1}), JpegCompressibility(),
                         PROMPTS, policy)
         config["train_timestep_stop"] = -1
     trainer = LOOPTrainer(LOOPConfig(**config), JpegCompressibility(), PROMPTS, policy)

@@ -11,7 +11,7 @@ from .pipelines.base import DiffusionPolicy
 from .prompts import prompt_rows
 from .rewards.base import MultiReward
 
-__all__ = ["DDPO_NAMES", "resolve_inputs"]
+__all__ = ["DDPO_NAMES", "check_sampler_settings", "resolve_inputs"]
 
 #: TRL DDPO's keyword names (and loop-trl's earlier ``eval_prompts``), still accepted, and TRL's names for them
 DDPO_NAMES = {"config": "args", "reward_function": "reward_funcs", "prompt_function": "train_dataset",
@@ -61,3 +61,15 @@ def resolve_inputs(given: dict[str, Any], ddpo_names: dict[str, Any]) -> dict[st
         raise ValueError(f"eval_freq={config.eval_freq} needs evaluation prompts: pass "
                          "LOOPTrainer(..., eval_dataset=[...]) or set eval_freq=0.")
     return dict(given, args=config, reward_funcs=reward, model=model, eval_dataset=eval_rows)
+
+
+def check_sampler_settings(policy: DiffusionPolicy, config: LOOPConfig) -> None:
+    """Refuse at construction a stochasticity the policy's sampler cannot sample with: ``sample_eta``, and
+    ``eval_eta`` when it is set and stochastic (0 is the deterministic sampler), naming the field."""
+    for name in ("sample_eta", "eval_eta"):
+        eta = getattr(config, name)
+        if name == "sample_eta" or eta:
+            try:
+                policy.check_sampling(eta)
+            except ValueError as error:
+                raise ValueError(f"{name}={eta}: {error}") from None

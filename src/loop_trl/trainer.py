@@ -25,7 +25,7 @@ from .advantages import PerPromptStatTracker
 from .callbacks import (CallbackList, ImageSamplesCallback, close_trackers, epoch_end_actions, init_trackers,
                         tracker_run_ids)
 from .config import LOOPConfig
-from .inputs import resolve_inputs
+from .inputs import check_sampler_settings, resolve_inputs
 from .engine import DTYPES, accumulation_steps, clock, engine_saves_model, leave_process_group, make_accelerator
 from .evaluation import evaluate_across_processes
 from .hub import upload_to_hub, write_model_card
@@ -80,7 +80,7 @@ class LOOPTrainer:
         # which denoising steps are trained, and each step's loss weight (mean 1 over those steps)
         self.train_steps = config.train_timesteps
         self.step_weights = normalized_step_weights(config.train_timestep_weights, config.sample_num_steps, self.train_steps)
-        self.policy.check_sampling(config.sample_eta)
+        check_sampler_settings(self.policy, config)
         check_reward_input(self.reward_function, self.policy.produces_video)
         refuse_untrainable_steps(self.policy.zero_variance_steps(config.sample_num_steps), self.train_steps, config.sample_num_steps)
 
