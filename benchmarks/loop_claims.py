@@ -15,7 +15,8 @@ sittings: an interrupted command resumes at the first missing run. ``--cells`` r
 Studies:
 
 * ``rare_prompts``: all four prompt families (262 training prompts) instead of the 110 binding
-  prompts. LOOP draws 448 prompts in a run (each about 1.7 times); PPO, one image per prompt,
+  prompts (the cell ``all_families_tracker`` runs PPO again on them with ``--ppo_min_count 4``, so that its
+  tracker engages from a prompt's fourth draw: the same prompts, the tracker on and off). LOOP draws 448 prompts in a run (each about 1.7 times); PPO, one image per prompt,
   draws 1,792 (each 6 or 7 times), more than the testbed's grammar has prompts to keep it at two,
   so PPO runs with ``--ppo_min_count 8``: its tracker never reaches a prompt's own statistics, as
   on a prompt set where each prompt comes back at most twice, and normalises by the batch. The
@@ -60,13 +61,22 @@ CLIP_UNIT = 4e-4
 CLIP_MULTIPLES = (1.0, 2.5, 6.25)
 LEARNING_RATES = ("1e-3", "2e-3", "4e-3")
 
+#: a timing cell's own epochs, evaluations and seed (a cell that names --seeds is not given the study's)
+TIMING = ["--epochs", "3", "--eval_every", "3", "--seeds", "0"]
+
 STUDIES: dict[str, dict[str, list[str]]] = {
     "rare_prompts": {
         "all_families": CURRENT + ALL_FAMILIES + ["--methods", "loop", "ppo", "--ppo_min_count", "8"],
+        # the same prompts, PPO's tracker allowed to engage from a prompt's fourth draw (DDPO's setting here)
+        "all_families_tracker": CURRENT + ALL_FAMILIES + ["--methods", "ppo", "--ppo_min_count", "4"],
     },
     "k": {
         "equal_images": CURRENT + ["--methods", "loop_k2", "loop", "loop_k8"],
         "equal_prompts": CURRENT + ["--methods", "loop", "--images_per_epoch", "256"],
+        # the time axis: 3 epochs of each setting, seed 0, to be run with nothing else on the machine
+        # (the long cells may run two at a time, which makes their own epoch times useless as timings)
+        "timing": CURRENT + ["--methods", "loop_k2", "loop", "loop_k8", "ppo", *TIMING],
+        "timing_256": CURRENT + ["--methods", "loop", "--images_per_epoch", "256", *TIMING],
     },
     "robustness": {
         f"clip{m:g}x": CURRENT + ["--methods", "loop", "ppo", "grpo", "--clip_range", f"{CLIP_UNIT * m:.6g}",
@@ -144,14 +154,29 @@ def by_method(runs: list[dict], method: str, lr: float | None = None) -> list[di
 
 def report_rare_prompts(folder: str) -> list[str]:
     rare = load_runs(os.path.join(folder, "all_families"))
+    loop_rare = by_method(rare, "loop")
+    tracker = by_method(load_runs(os.path.join(folder, "all_families_tracker")), "ppo")
     repeated = load_runs(os.path.join(HERE, "results", "compare_cosine"))
     lines, rows = [], []
-    for label, runs in (("262 prompts, PPO's tracker never engaged", rare), ("110 binding prompts (compare_cosine)", repeated)):
-        loop, ppo = by_method(runs, "loop"), by_method(runs, "ppo")
+    for label, loop, ppo in (("262 prompts, PPO's tracker never engaged", loop_rare, by_method(rare, "ppo")),
+                             ("262 prompts, PPO's tracker from a prompt's 4th draw", loop_rare, tracker),
+                             ("110 binding prompts (compare_cosine)", by_method(repeated, "loop"), by_method(repeated, "ppo"))):
         if len(loop) >= 2 and len(ppo) >= 2:
             rows += [compare(f"LOOP - PPO, {label}", loop, ppo, m) for m in ("train_strict", "heldout_strict")]
             lines.append(f"- {label}: PPO's tracker normalised {tracker_engaged(ppo):.0%} of its rewards by the prompt's own statistics.")
+    if len(by_method(rare, "ppo")) >= 2 and len(tracker) >= 2:  # what the tracker itself is worth to PPO on these prompts
+        rows += [compare("PPO without - with its tracker, 262 prompts", by_method(rare, "ppo"), tracker, "train_strict")]
     return comparison_table(rows) + [""] + lines
+
+
+def epoch_seconds_alone(folder: str) -> dict[str, float]:
+    """Median seconds per training epoch of each K setting, from the timing cells (seed 0, run alone);
+    keys are the labels of :func:`report_k`. Empty where the timing cells have not run."""
+    timing, timing_256 = load_runs(os.path.join(folder, "timing")), load_runs(os.path.join(folder, "timing_256"))
+    labels = {"loop_k2": "K=2", "loop": "K=4", "loop_k8": "K=8", "ppo": "PPO"}
+    seconds = {labels[r["method"]]: float(np.median([e["time_epoch_s"] for e in r["epochs"]])) for r in timing}
+    seconds.update({"K=4, 256 images/epoch": float(np.median([e["time_epoch_s"] for e in r["epochs"]])) for r in timing_256})
+    return seconds
 
 
 def report_k(folder: str) -> list[str]:
@@ -166,22 +191,26 @@ def report_k(folder: str) -> list[str]:
     if len(equal_prompts) >= 2 and len(ppo) >= 2:
         rows += [compare("LOOP K=4 x 64 prompts - PPO 64 x 1, equal prompts", by_method(equal_prompts, "loop"), ppo, m)
                  for m in ("train_strict", "heldout_strict")]
-    lines = comparison_table(rows) + ["", "| run | images | summed epoch time (s) | final strict (mean over seeds) |",
+    groups = {"K=2": by_method(equal_images, "loop_k2"), "K=4": k4, "K=8": by_method(equal_images, "loop_k8"),
+              "K=4, 256 images/epoch": by_method(equal_prompts, "loop"), "PPO": ppo}
+    alone = epoch_seconds_alone(folder)
+    time_column = ("training time: epochs x median epoch alone (s)" if alone
+                   else "summed epoch time (s; the runs' own, not a timing if they shared the machine)")
+    lines = comparison_table(rows) + ["", f"| run | images | {time_column} | final strict (mean over seeds) |",
                                       "| --- | --- | --- | --- |"]
-    for label, runs in (("K=2, 64 images/epoch", by_method(equal_images, "loop_k2")), ("K=4, 64 images/epoch", k4),
-                        ("K=8, 64 images/epoch", by_method(equal_images, "loop_k8")),
-                        ("K=4, 256 images/epoch", by_method(equal_prompts, "loop")), ("PPO 64 x 1 (compare_cosine)", ppo)):
+    for label, runs in groups.items():
         if runs:
-            seconds = np.mean([sum(e["time_epoch_s"] for e in r["epochs"]) for r in runs])
+            seconds = (len(runs[0]["epochs"]) * alone[label] if label in alone
+                       else np.mean([sum(e["time_epoch_s"] for e in r["epochs"]) for r in runs]))
             lines.append(f"| {label} | {runs[0]['epochs'][-1]['images']} | {seconds:.0f} | "
                          f"{np.mean([final(r, 'train_strict')[0] for r in runs]):.3f} |")
-    plot_k(folder, {"K=2": by_method(equal_images, "loop_k2"), "K=4": k4, "K=8": by_method(equal_images, "loop_k8"),
-                    "K=4, 256 images/epoch": by_method(equal_prompts, "loop"), "PPO": ppo})
+    plot_k(folder, groups, alone)
     return lines
 
 
-def plot_k(folder: str, groups: dict[str, list[dict]]) -> None:
-    """Training-prompt accuracy against sampled images and against summed epoch time, mean over seeds."""
+def plot_k(folder: str, groups: dict[str, list[dict]], alone: dict[str, float]) -> None:
+    """Training-prompt accuracy against sampled images and against training time (epochs x the median
+    epoch measured alone where ``alone`` has it, else the runs' own summed epoch times), mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,13 +223,15 @@ def plot_k(folder: str, groups: dict[str, list[dict]]) -> None:
         points = [r["evals"] for r in runs]
         images = [p["images"] for p in points[0]]
         mean = np.mean([[p["strict"] for p in run] for run in points], axis=0)
-        per_epoch = np.mean([[e["time_epoch_s"] for e in r["epochs"]] for r in runs], axis=0)
+        per_epoch = (np.full(len(runs[0]["epochs"]), alone[label]) if label in alone
+                     else np.mean([[e["time_epoch_s"] for e in r["epochs"]] for r in runs], axis=0))
         images_per_epoch = runs[0]["epochs"][0]["images"]
         seconds = [float(np.sum(per_epoch[:i // images_per_epoch])) for i in images]
         axes[0].plot(images, mean, marker="o", label=label)
         axes[1].plot(seconds, mean, marker="o", label=label)
     axes[0].set(xlabel="sampled images", ylabel="strict accuracy, fixed training prompts")
-    axes[1].set(xlabel="summed epoch time (s)", ylabel="strict accuracy, fixed training prompts")
+    axes[1].set(xlabel="training time (s)" + (", epochs x median epoch alone" if alone else ", summed epoch times"),
+                ylabel="strict accuracy, fixed training prompts")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -270,8 +301,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown cell(s) {sorted(unknown)} of study {args.study!r}; choose from {list(cells)}")
     if not args.report_only:
         for cell in args.cells or cells:
+            seeds = [] if "--seeds" in cells[cell] else ["--seeds", *map(str, args.seeds)]
             command = [sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir",
-                       os.path.join(folder, cell), *cells[cell], "--seeds", *map(str, args.seeds)]
+                       os.path.join(folder, cell), *cells[cell], *seeds]
             print("$", " ".join(command[1:]), flush=True)
             subprocess.run(command, check=True)
     os.makedirs(folder, exist_ok=True)

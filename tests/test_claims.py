@@ -79,6 +79,16 @@ def test_the_rare_prompt_report_compares_loop_with_ppo_and_says_whether_it_is_se
     row = next(line for line in out.splitlines() if line.startswith("| LOOP - PPO, 262 prompts") and "train_strict" in line)
     assert "| +0.200 [+0." in row and "| yes |" in row  # 0.41 - 0.21, every seed 0.2 apart
     assert "tracker never engaged: PPO's tracker normalised 0% of its rewards" in out
+    assert "4th draw" not in out  # that cell has no runs yet: no row
+    write_runs(tmp_path / "rare_prompts" / "all_families_tracker",
+               [fake_run("ppo", s, 2e-3, 0.30 + 0.02 * s, 0.35, engaged=0.4) for s in range(3)])
+    loop_claims.main(["--study", "rare_prompts", "--report_only", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| LOOP - PPO, 262 prompts, PPO's tracker from")
+               and "train_strict" in line)
+    assert "| 0.410 (0.010) | 0.320 (0.020) | +0.090 [" in row
+    assert "| PPO without - with its tracker, 262 prompts | train_strict | 3, 3 | 0.210 (0.010) | 0.320 (0.020) | -0.110 [" in out
+    assert "from a prompt's 4th draw: PPO's tracker normalised 40% of its rewards" in out
     assert (tmp_path / "rare_prompts" / "claims.md").read_text() == out.rstrip("\n") + "\n"
     with pytest.raises(SystemExit, match="unknown cell"):
         loop_claims.main(["--study", "rare_prompts", "--cells", "nope", "--results", str(tmp_path)])
@@ -92,8 +102,21 @@ def test_the_k_report_reads_images_and_time_and_draws_the_curves(tmp_path, capsy
     loop_claims.main(["--study", "k", "--report_only", "--results", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| loop_k2 - loop (K=4), equal images | train_strict | 3, 3 | 0.270 (0.020) | 0.320 (0.020) | -0.050" in out
-    assert "| K=4, 256 images/epoch | 1024 | 40 | 0.450 |" in out
+    assert "| K=4, 256 images/epoch | 1024 | 40 | 0.450 |" in out and "summed epoch time" in out
     assert (study / "k_curves.png").stat().st_size > 10_000
+    # with the timing cells run alone, time is epochs x their median epoch (the first, warming up, left out by it)
+    timed = []
+    for method, seconds in (("loop_k2", 6.0), ("loop", 7.0), ("loop_k8", 8.0), ("ppo", 5.0)):
+        run = fake_run(method, 0, 2e-3, 0.2, 0.2, epochs=3)
+        for epoch, t in zip(run["epochs"], (30.0, seconds, seconds + 0.5)):
+            epoch["time_epoch_s"] = t
+        timed.append(run)
+    write_runs(study / "timing", timed)
+    loop_claims.main(["--study", "k", "--report_only", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "epochs x median epoch alone" in out
+    assert "| K=4 | 256 | 30 |" in out and "| K=8 | 256 | 34 |" in out  # 4 epochs x 7.5 s and x 8.5 s
+    assert "| K=4, 256 images/epoch | 1024 | 40 |" in out  # no timing_256 run: its own epoch times
 
 
 def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_method(tmp_path, capsys):
