@@ -60,17 +60,24 @@ def test_two_processes_keep_groups_whole_and_weights_in_sync(two_process_run):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_video_family(tmp_path_factory):
-    """Wan under the same two-process run: whole groups of K videos per process, the same weights on both ranks
-    after every optimizer step (DDP synchronises the video DiT's LoRA), no gloo thread left at exit."""
+@pytest.mark.parametrize("family, policy_kwargs, mode, epochs", [
+    ("z-image", {"resolution": 32, "max_sequence_length": 16}, "first", 1),  # prompts stored padded, with their mask
+    ("wan", {"resolution": 32, "num_frames": 5, "max_sequence_length": 16}, "full", 2),  # videos: a frames axis
+])
+def test_two_processes_train_a_2026_family(tmp_path_factory, family, policy_kwargs, mode, epochs):
+    """A 2026 image family and the video family under the same two-process run: whole groups of K samples per
+    process, the same weights on both ranks after every optimizer step (DDP synchronises the transformer's
+    LoRA), no gloo thread left at exit."""
     from loop_trl.testing import save_tiny_pipeline
 
-    root = tmp_path_factory.mktemp("two-process-wan")
-    path = save_tiny_pipeline(root / "wan", "wan")
-    reports = launch_two(path, root / "out", policy_kwargs={"resolution": 32, "num_frames": 5, "max_sequence_length": 16})
+    root = tmp_path_factory.mktemp(f"two-process-{family}")
+    path = save_tiny_pipeline(root / family, family)
+    (root / "out").mkdir()
+    reports = launch_two(path, root / "out", mode, policy_kwargs)
     for report in reports:
-        assert report["world"] == 2 and report["steps"] == 8 and max(report["weight_spread"]) == 0.0
-        assert report["groups"] == [[[4, 1]] * 8, [[4, 1]] * 8]
+        assert report["world"] == 2 and report["steps"] == 4 * epochs and len(report["weight_spread"]) == 4 * epochs
+        assert max(report["weight_spread"]) == 0.0
+        assert report["groups"] == [[[4, 1]] * 8] * epochs
     for rank in (0, 1):
         threads = threads_at_exit(root / "out", rank)
         assert threads is None or not [t for t in threads if "gloo" in t], threads
