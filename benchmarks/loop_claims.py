@@ -10,7 +10,9 @@ from lr 2e-3 over 28 epochs of 64 images, steps 0-5 trained, 4 of 6 drawn per tr
 SDE window), so that every study can be read beside those runs, and the cell's own flags, writing under
 ``benchmarks/results/claims/<study>/<cell>/``. compare_algorithms runs every (method, seed, lr)
 in its own process and caches it as ``runs/<name>.json``, so a study spreads over several
-sittings: an interrupted command resumes at the first missing run. ``--cells`` runs a part.
+sittings: an interrupted command resumes at the first missing run. ``--cells`` runs a part. The cells
+that share compare_cosine's settings (the K study's K=4, the robustness grid's lr 2e-3 at clip 2.5x)
+start from compare_cosine's runs, copied: training is deterministic, so they would be the same numbers.
 
 Studies:
 
@@ -42,6 +44,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +63,12 @@ ALL_FAMILIES = ["--families", "single", "binding", "counting", "spatial"]
 CLIP_UNIT = 4e-4
 CLIP_MULTIPLES = (1.0, 2.5, 6.25)
 LEARNING_RATES = ("1e-3", "2e-3", "4e-3")
+
+COMPARE_COSINE = os.path.join(HERE, "results", "compare_cosine")
+#: cells whose flags are compare_cosine's but for the methods and learning rates: training is deterministic,
+#: so their runs at lr 2e-3 are compare_cosine's (the K study's K=4 runs of seeds 0 and 2, trained again,
+#: matched compare_cosine's in every logged number) and are copied from there instead of trained again
+SAME_AS_COMPARE_COSINE = {"k": ["equal_images"], "robustness": ["clip2.5x"]}
 
 #: a timing cell's own epochs, evaluations and seed (a cell that names --seeds is not given the study's)
 TIMING = ["--epochs", "3", "--eval_every", "3", "--seeds", "0"]
@@ -97,6 +106,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def flag_values(flags: list[str], name: str) -> list[str]:
+    """The values after ``name`` in a command line, up to the next ``--`` flag."""
+    start = flags.index(name) + 1
+    end = next((i for i in range(start, len(flags)) if flags[i].startswith("--")), len(flags))
+    return flags[start:end]
+
+
+def reuse_compare_cosine(cell_folder: str, flags: list[str], seeds: list[int]) -> list[str]:
+    """Copy into ``cell_folder`` the compare_cosine runs at lr 2e-3 of the cell's methods and ``seeds`` (and the
+    base model's evaluation) that the cell lacks; returns the names copied."""
+    copied = []
+    os.makedirs(os.path.join(cell_folder, "runs"), exist_ok=True)
+    names = ["base.json"] + [f"{m}_seed{s}_lr0.002.json" for m in flag_values(flags, "--methods") for s in seeds]
+    for name in names:
+        source, target = os.path.join(COMPARE_COSINE, "runs", name), os.path.join(cell_folder, "runs", name)
+        if os.path.exists(source) and not os.path.exists(target):
+            shutil.copyfile(source, target)
+            copied.append(name)
+    return copied
+
+
 def load_runs(folder: str) -> list[dict]:
     """Every finished run of one compare_algorithms folder (base.json left out)."""
     runs = []
@@ -111,6 +141,9 @@ def final(run: dict, metric: str) -> tuple[float, float]:
     """A run's last value of ``metric`` and its standard error over the evaluation images."""
     if metric == "train_strict":
         return run["evals"][-1]["strict"], run["evals"][-1]["strict_sem"]
+    if metric.startswith("train_strict@"):  # at a number of sampled images along the way
+        point = next(e for e in run["evals"] if e["images"] == int(metric.split("@")[1]))
+        return point["strict"], point["strict_sem"]
     if metric == "heldout_strict":
         return run["heldout"]["overall"], run["heldout"]["overall_sem"]
     raise ValueError(f"unknown metric {metric!r}")
@@ -187,10 +220,15 @@ def report_k(folder: str) -> list[str]:
     k4 = by_method(equal_images, "loop")
     for other in ("loop_k2", "loop_k8"):
         if len(k4) >= 2 and len(by_method(equal_images, other)) >= 2:
-            rows += [compare(f"{other} - loop (K=4), equal images", by_method(equal_images, other), k4, "train_strict")]
+            rows += [compare(f"{other} - loop (K=4), equal images", by_method(equal_images, other), k4, m)
+                     for m in ("train_strict", "heldout_strict")]
     if len(equal_prompts) >= 2 and len(ppo) >= 2:
         rows += [compare("LOOP K=4 x 64 prompts - PPO 64 x 1, equal prompts", by_method(equal_prompts, "loop"), ppo, m)
                  for m in ("train_strict", "heldout_strict")]
+        images = ppo[0]["evals"][-1]["images"]  # the same comparison where both have sampled PPO's images
+        if all(any(e["images"] == images for e in r["evals"]) for r in equal_prompts):
+            rows.append(compare(f"LOOP K=4 x 64 prompts - PPO 64 x 1, both at {images:,} images",
+                                by_method(equal_prompts, "loop"), ppo, f"train_strict@{images}"))
     groups = {"K=2": by_method(equal_images, "loop_k2"), "K=4": k4, "K=8": by_method(equal_images, "loop_k8"),
               "K=4, 256 images/epoch": by_method(equal_prompts, "loop"), "PPO": ppo}
     alone = epoch_seconds_alone(folder)
@@ -302,6 +340,9 @@ def main(argv=None) -> None:
     if not args.report_only:
         for cell in args.cells or cells:
             seeds = [] if "--seeds" in cells[cell] else ["--seeds", *map(str, args.seeds)]
+            if cell in SAME_AS_COMPARE_COSINE.get(args.study, []):
+                for name in reuse_compare_cosine(os.path.join(folder, cell), cells[cell], args.seeds):
+                    print(f"copied {name} from {os.path.relpath(COMPARE_COSINE, HERE)} (the same settings)", flush=True)
             command = [sys.executable, os.path.join(HERE, "compare_algorithms.py"), "--output_dir",
                        os.path.join(folder, cell), *cells[cell], *seeds]
             print("$", " ".join(command[1:]), flush=True)

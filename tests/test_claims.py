@@ -101,8 +101,18 @@ def test_the_k_report_reads_images_and_time_and_draws_the_curves(tmp_path, capsy
     write_runs(study / "equal_prompts", [fake_run("loop", s, 2e-3, 0.45, 0.4, images_per_epoch=256) for s in range(3)])
     loop_claims.main(["--study", "k", "--report_only", "--results", str(tmp_path)])
     out = capsys.readouterr().out
+    assert "both at" not in out  # the fake runs never evaluated at PPO's 1,792 images
     assert "| loop_k2 - loop (K=4), equal images | train_strict | 3, 3 | 0.270 (0.020) | 0.320 (0.020) | -0.050" in out
     assert "| K=4, 256 images/epoch | 1024 | 40 | 0.450 |" in out and "summed epoch time" in out
+    # an evaluation at PPO's images (compare_cosine's PPO: 1,792) gives the comparison at equal images too
+    ppo_images = loop_claims.by_method(loop_claims.load_runs(loop_claims.COMPARE_COSINE), "ppo")[0]["evals"][-1]
+    along = [fake_run("loop", s, 2e-3, 0.45, 0.4, images_per_epoch=256, epochs=8) for s in range(3)]
+    for s, run in enumerate(along):
+        run["evals"].insert(1, {"images": ppo_images["images"], "strict": 0.30 + 0.01 * s, "strict_sem": 0.03, "score": 0.5})
+    write_runs(study / "equal_prompts", along)
+    loop_claims.main(["--study", "k", "--report_only", "--results", str(tmp_path)])
+    row = next(line for line in capsys.readouterr().out.splitlines() if f"both at {ppo_images['images']:,} images" in line)
+    assert f"| train_strict@{ppo_images['images']} | 3, 3 | 0.310 (0.010) |" in row
     assert (study / "k_curves.png").stat().st_size > 10_000
     # with the timing cells run alone, time is epochs x their median epoch (the first, warming up, left out by it)
     timed = []
@@ -116,7 +126,7 @@ def test_the_k_report_reads_images_and_time_and_draws_the_curves(tmp_path, capsy
     out = capsys.readouterr().out
     assert "epochs x median epoch alone" in out
     assert "| K=4 | 256 | 30 |" in out and "| K=8 | 256 | 34 |" in out  # 4 epochs x 7.5 s and x 8.5 s
-    assert "| K=4, 256 images/epoch | 1024 | 40 |" in out  # no timing_256 run: its own epoch times
+    assert "| K=4, 256 images/epoch | 2048 | 80 |" in out  # no timing_256 run: its own epoch times (8 x 10 s)
 
 
 def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_method(tmp_path, capsys):
@@ -136,3 +146,44 @@ def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_met
     assert "grpo" not in out  # no runs, no row
     cell_flags = loop_claims.STUDIES["robustness"]["clip2.5x"]
     assert cell_flags[cell_flags.index("--clip_range") + 1] == "0.001"  # the example's own clip range is the middle row
+
+
+def documented_compare_cosine_flags() -> list[str]:
+    """The command docs/benchmarks.md gives for benchmarks/results/compare_cosine, as arguments."""
+    with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+        text = f.read()
+    start = text.index("python benchmarks/compare_algorithms.py --output_dir benchmarks/results/compare_cosine")
+    command = text[start:text.index("```", start)].replace("\\\n", " ")
+    return command.split()[2:]
+
+
+def test_the_cells_that_reuse_compare_cosine_have_its_settings_but_for_methods_and_learning_rates():
+    import compare_algorithms
+
+    def settings(flags):
+        parsed = vars(compare_algorithms.parse_args(flags))
+        return {k: v for k, v in parsed.items() if k not in ("methods", "learning_rates", "seeds", "output_dir")}, parsed
+
+    documented, parsed = settings(documented_compare_cosine_flags())
+    assert parsed["learning_rates"] == [2e-3]
+    for study, cells in loop_claims.SAME_AS_COMPARE_COSINE.items():
+        for cell in cells:
+            own, parsed = settings(loop_claims.STUDIES[study][cell])
+            assert own == documented, (study, cell)
+            assert 2e-3 in parsed["learning_rates"]
+    # and a cell that differs is told apart: the robustness grid's other clip ranges
+    assert settings(loop_claims.STUDIES["robustness"]["clip1x"])[0] != documented
+
+
+def test_reusing_compare_cosine_copies_only_the_missing_runs_of_the_cells_methods(tmp_path, monkeypatch):
+    source = tmp_path / "compare_cosine"
+    write_runs(source, [fake_run(m, s, 2e-3, 0.3, 0.3) for m in ("loop", "ppo", "reinforce_loo") for s in range(3)])
+    (source / "runs" / "base.json").write_text("{}")
+    monkeypatch.setattr(loop_claims, "COMPARE_COSINE", str(source))
+    cell = tmp_path / "cell"
+    write_runs(cell, [fake_run("loop", 0, 2e-3, 0.9, 0.9)])  # already there: kept as it is
+    flags = ["--epochs", "3", "--methods", "loop", "ppo", "grpo", "--clip_range", "0.001"]
+    copied = loop_claims.reuse_compare_cosine(str(cell), flags, seeds=[0, 1])
+    assert copied == ["base.json", "loop_seed1_lr0.002.json", "ppo_seed0_lr0.002.json", "ppo_seed1_lr0.002.json"]
+    assert json.loads((cell / "runs" / "loop_seed0_lr0.002.json").read_text())["evals"][-1]["strict"] == 0.9
+    assert loop_claims.reuse_compare_cosine(str(cell), flags, seeds=[0, 1]) == []
