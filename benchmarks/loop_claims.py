@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--study", required=True, choices=list(STUDIES), help="which claim to measure")
     parser.add_argument("--cells", nargs="+", default=None, help="run only these cells of the study (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every method and cell")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every method and cell, to train and to report")
     parser.add_argument("--results", default=RESULTS, help="folder of the studies' cells")
     parser.add_argument("--report_only", action="store_true", help="report from the cached runs; train nothing")
     return parser.parse_args(argv)
@@ -127,13 +127,15 @@ def reuse_compare_cosine(cell_folder: str, flags: list[str], seeds: list[int]) -
     return copied
 
 
-def load_runs(folder: str) -> list[dict]:
-    """Every finished run of one compare_algorithms folder (base.json left out)."""
+def load_runs(folder: str, seeds=None) -> list[dict]:
+    """Every finished run of one compare_algorithms folder (base.json left out), of ``seeds`` only if given."""
     runs = []
     for path in sorted(glob.glob(os.path.join(folder, "runs", "*.json"))):
         if os.path.basename(path) != "base.json":
             with open(path) as f:
-                runs.append(json.load(f))
+                run = json.load(f)
+            if seeds is None or run["seed"] in seeds:
+                runs.append(run)
     return runs
 
 
@@ -185,11 +187,11 @@ def by_method(runs: list[dict], method: str, lr: float | None = None) -> list[di
     return [r for r in runs if r["method"] == method and (lr is None or abs(r["lr"] - lr) < 1e-12)]
 
 
-def report_rare_prompts(folder: str) -> list[str]:
-    rare = load_runs(os.path.join(folder, "all_families"))
+def report_rare_prompts(folder: str, seeds=None) -> list[str]:
+    rare = load_runs(os.path.join(folder, "all_families"), seeds)
     loop_rare = by_method(rare, "loop")
-    tracker = by_method(load_runs(os.path.join(folder, "all_families_tracker")), "ppo")
-    repeated = load_runs(os.path.join(HERE, "results", "compare_cosine"))
+    tracker = by_method(load_runs(os.path.join(folder, "all_families_tracker"), seeds), "ppo")
+    repeated = load_runs(COMPARE_COSINE, seeds)
     lines, rows = [], []
     for label, loop, ppo in (("262 prompts, PPO's tracker never engaged", loop_rare, by_method(rare, "ppo")),
                              ("262 prompts, PPO's tracker from a prompt's 4th draw", loop_rare, tracker),
@@ -212,10 +214,10 @@ def epoch_seconds_alone(folder: str) -> dict[str, float]:
     return seconds
 
 
-def report_k(folder: str) -> list[str]:
-    equal_images = load_runs(os.path.join(folder, "equal_images"))
-    equal_prompts = load_runs(os.path.join(folder, "equal_prompts"))
-    ppo = by_method(load_runs(os.path.join(HERE, "results", "compare_cosine")), "ppo")
+def report_k(folder: str, seeds=None) -> list[str]:
+    equal_images = load_runs(os.path.join(folder, "equal_images"), seeds)
+    equal_prompts = load_runs(os.path.join(folder, "equal_prompts"), seeds)
+    ppo = by_method(load_runs(COMPARE_COSINE, seeds), "ppo")
     rows = []
     k4 = by_method(equal_images, "loop")
     for other in ("loop_k2", "loop_k8"):
@@ -279,12 +281,12 @@ def plot_k(folder: str, groups: dict[str, list[dict]], alone: dict[str, float]) 
     plt.close(fig)
 
 
-def robustness_grid(folder: str, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def robustness_grid(folder: str, method: str, seeds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean final strict, its standard error over seeds, seeds) per (clip multiple, lr) cell of ``method``."""
     shape = (len(CLIP_MULTIPLES), len(LEARNING_RATES))
     mean, sem, count = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, dtype=int)
     for i, multiple in enumerate(CLIP_MULTIPLES):
-        runs = load_runs(os.path.join(folder, f"clip{multiple:g}x"))
+        runs = load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds)
         for j, lr in enumerate(LEARNING_RATES):
             values = [final(r, "train_strict")[0] for r in by_method(runs, method, float(lr))]
             count[i, j] = len(values)
@@ -294,7 +296,7 @@ def robustness_grid(folder: str, method: str) -> tuple[np.ndarray, np.ndarray, n
     return mean, sem, count
 
 
-def report_robustness(folder: str) -> list[str]:
+def report_robustness(folder: str, seeds=None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,8 +304,10 @@ def report_robustness(folder: str) -> list[str]:
 
     lines = ["| method | cells with runs | worst cell (clip x, lr) | best cell | mean over cells | sd over cells |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for method in ("loop", "ppo", "grpo"):
-        mean, sem, count = robustness_grid(folder, method)
+    grids = {method: robustness_grid(folder, method, seeds) for method in ("loop", "ppo", "grpo")}
+    finite = np.concatenate([g[0][np.isfinite(g[0])] for g in grids.values()])
+    scale = dict(vmin=float(finite.min()), vmax=float(finite.max())) if finite.size else {}  # one colour scale
+    for method, (mean, sem, count) in grids.items():
         if not np.isfinite(mean).any():
             continue
         worst, best = np.unravel_index(np.nanargmin(mean), mean.shape), np.unravel_index(np.nanargmax(mean), mean.shape)
@@ -311,11 +315,12 @@ def report_robustness(folder: str) -> list[str]:
         lines.append(f"| {method} | {int(np.isfinite(mean).sum())} of {mean.size} | {cell(worst)} | {cell(best)} | "
                      f"{np.nanmean(mean):.3f} | {np.nanstd(mean, ddof=1) if np.isfinite(mean).sum() > 1 else float('nan'):.3f} |")
         fig, ax = plt.subplots(figsize=(4.5, 3.6))
-        image = ax.imshow(mean, cmap="viridis", origin="lower")
+        image = ax.imshow(mean, cmap="viridis", origin="lower", **scale)
         for i in range(mean.shape[0]):
             for j in range(mean.shape[1]):
                 if count[i, j]:
-                    ax.text(j, i, f"{mean[i, j]:.3f}\n±{sem[i, j]:.3f}\nn={count[i, j]}", ha="center", va="center",
+                    spread = f"\n±{sem[i, j]:.3f}" if count[i, j] > 1 else ""
+                    ax.text(j, i, f"{mean[i, j]:.3f}{spread}\nn={count[i, j]}", ha="center", va="center",
                             fontsize=7, color="white")
         ax.set_xticks(range(len(LEARNING_RATES)), LEARNING_RATES)
         ax.set_yticks(range(len(CLIP_MULTIPLES)), [f"{m:g}x ({CLIP_UNIT * m:.1e})" for m in CLIP_MULTIPLES])
@@ -324,6 +329,16 @@ def report_robustness(folder: str) -> list[str]:
         fig.tight_layout()
         fig.savefig(os.path.join(folder, f"robustness_{method}.png"), dpi=120)
         plt.close(fig)
+    loop, ppo = grids["loop"][0], grids["ppo"][0]
+    both = np.isfinite(loop) & np.isfinite(ppo)
+    if both.any():
+        lines += ["", "LOOP - PPO per cell (means over seeds):", "",
+                  "| clip range | " + " | ".join(f"lr {lr}" for lr in LEARNING_RATES) + " |",
+                  "|" + " --- |" * (len(LEARNING_RATES) + 1)]
+        for i, multiple in enumerate(CLIP_MULTIPLES):
+            lines.append(f"| {multiple:g}x | " + " | ".join(f"{loop[i, j] - ppo[i, j]:+.3f}" if both[i, j] else ""
+                                                          for j in range(len(LEARNING_RATES))) + " |")
+        lines += ["", f"LOOP ahead of PPO in {int((loop > ppo)[both].sum())} of {int(both.sum())} cells."]
     return lines
 
 
@@ -348,7 +363,7 @@ def main(argv=None) -> None:
             print("$", " ".join(command[1:]), flush=True)
             subprocess.run(command, check=True)
     os.makedirs(folder, exist_ok=True)
-    text = "\n".join(REPORTS[args.study](folder)) + "\n"
+    text = "\n".join(REPORTS[args.study](folder, args.seeds)) + "\n"
     with open(os.path.join(folder, "claims.md"), "w") as f:
         f.write(text)
     print(text)

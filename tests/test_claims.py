@@ -144,6 +144,10 @@ def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_met
     assert "| ppo | 9 of 9 | 0.110 (1x, 1e-3) | 0.330 (6.25x, 4e-3) |" in out
     assert {"robustness_loop.png", "robustness_ppo.png"} <= set(os.listdir(study))
     assert "grpo" not in out  # no runs, no row
+    loop_claims.main(["--study", "robustness", "--report_only", "--results", str(tmp_path), "--seeds", "0"])
+    out = capsys.readouterr().out  # a part of the seeds: seed 0's runs alone
+    assert "| 1x | +0.200 | +0.190 | +0.180 |" in out and "LOOP ahead of PPO in 6 of 9 cells." in out  # a tie is not ahead
+    assert "| loop | 9 of 9 | 0.300 (1x, 1e-3) |" in out and "| ppo | 9 of 9 | 0.100 (1x, 1e-3) | 0.320 (6.25x, 4e-3) |" in out
     cell_flags = loop_claims.STUDIES["robustness"]["clip2.5x"]
     assert cell_flags[cell_flags.index("--clip_range") + 1] == "0.001"  # the example's own clip range is the middle row
 
