@@ -116,9 +116,11 @@ def flag_values(flags: list[str], name: str) -> list[str]:
 def reuse_compare_cosine(cell_folder: str, flags: list[str], seeds: list[int]) -> list[str]:
     """Copy into ``cell_folder`` the compare_cosine runs at lr 2e-3 of the cell's methods and ``seeds`` (and the
     base model's evaluation) that the cell lacks; returns the names copied."""
+    from compare_algorithms import run_name  # its cache's file names (imported here: it imports torch)
+
     copied = []
     os.makedirs(os.path.join(cell_folder, "runs"), exist_ok=True)
-    names = ["base.json"] + [f"{m}_seed{s}_lr0.002.json" for m in flag_values(flags, "--methods") for s in seeds]
+    names = ["base.json"] + [run_name(m, s, 2e-3) + ".json" for m in flag_values(flags, "--methods") for s in seeds]
     for name in names:
         source, target = os.path.join(COMPARE_COSINE, "runs", name), os.path.join(cell_folder, "runs", name)
         if os.path.exists(source) and not os.path.exists(target):
