@@ -334,13 +334,66 @@ def report_robustness(folder: str, seeds=None) -> list[str]:
     loop, ppo = grids["loop"][0], grids["ppo"][0]
     both = np.isfinite(loop) & np.isfinite(ppo)
     if both.any():
-        lines += ["", "LOOP - PPO per cell (means over seeds):", "",
+        lines += ["", "LOOP - PPO per cell (means over seeds; [Welch's 95% over seeds] where both have 2 or more):", "",
                   "| clip range | " + " | ".join(f"lr {lr}" for lr in LEARNING_RATES) + " |",
                   "|" + " --- |" * (len(LEARNING_RATES) + 1)]
+        separated = []
         for i, multiple in enumerate(CLIP_MULTIPLES):
-            lines.append(f"| {multiple:g}x | " + " | ".join(f"{loop[i, j] - ppo[i, j]:+.3f}" if both[i, j] else ""
-                                                          for j in range(len(LEARNING_RATES))) + " |")
-        lines += ["", f"LOOP ahead of PPO in {int((loop > ppo)[both].sum())} of {int(both.sum())} cells."]
+            runs = load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds)
+            entries = []
+            for j, lr in enumerate(LEARNING_RATES):
+                values = {m: [final(r, "train_strict")[0] for r in by_method(runs, m, float(lr))] for m in ("loop", "ppo")}
+                entry = f"{loop[i, j] - ppo[i, j]:+.3f}" if both[i, j] else ""
+                if min(len(v) for v in values.values()) >= 2:
+                    interval = difference_interval(values["loop"], values["ppo"])
+                    entry += f" [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+                    separated.append(np.sign(interval["diff"]) if interval["separated"] else 0)
+                entries.append(entry)
+            lines.append(f"| {multiple:g}x | " + " | ".join(entries) + " |")
+        lines += ["", f"LOOP ahead of PPO in {int((loop > ppo)[both].sum())} of {int(both.sum())} cells"
+                  + (f"; separated in {np.count_nonzero(separated)} of {len(separated)} (LOOP ahead in "
+                     f"{separated.count(1)}, PPO in {separated.count(-1)})." if separated else ".")]
+    return lines + grid_statistics(folder, seeds)
+
+
+def seed_grids(folder: str, method: str, seeds=None) -> dict[int, np.ndarray]:
+    """Each seed's own grid of final strict accuracy of ``method``, for the seeds with a run in every cell."""
+    grids: dict[int, np.ndarray] = {}
+    for i, multiple in enumerate(CLIP_MULTIPLES):
+        for r in by_method(load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds), method):
+            grid = grids.setdefault(r["seed"], np.full((len(CLIP_MULTIPLES), len(LEARNING_RATES)), np.nan))
+            grid[i, [abs(float(lr) - r["lr"]) < 1e-12 for lr in LEARNING_RATES]] = final(r, "train_strict")[0]
+    return {seed: grid for seed, grid in sorted(grids.items()) if np.isfinite(grid).all()}
+
+
+#: what one seed's whole grid says about a method's robustness: where a user lands on average over the
+#: settings, in the worst setting, and how far the settings spread
+GRID_STATISTICS = {"mean over cells": np.mean, "worst cell": np.min, "sd over cells": lambda g: float(np.std(g, ddof=1))}
+
+
+def grid_statistics(folder: str, seeds=None) -> list[str]:
+    """Robustness with intervals: each seed that ran every cell is one replicate of the whole grid, so a
+    statistic of the grid has one value per seed and LOOP - PPO gets Welch's interval over those seeds.
+    A single seed's worst cell and sd over cells carry that seed's noise too; the noise floor line gives
+    the sd over cells that seed noise alone would make (the within-cell sd over seeds, pooled)."""
+    per_method = {m: seed_grids(folder, m, seeds) for m in ("loop", "ppo", "grpo")}
+    present = [m for m, g in per_method.items() if len(g) >= 2]
+    if "loop" not in present or len(present) < 2:
+        return []
+    lines = ["", "Statistics of one seed's whole grid (each seed that ran all 9 cells is one replicate):", "",
+             "| statistic | " + " | ".join(f"{m}: mean (sd) over {len(per_method[m])} seeds" for m in present)
+             + " | " + " | ".join(f"loop - {m} [95% over seeds]" for m in present if m != "loop") + " |",
+             "|" + " --- |" * (1 + 2 * len(present) - 1)]
+    for name, statistic in GRID_STATISTICS.items():
+        values = {m: [float(statistic(g)) for g in per_method[m].values()] for m in present}
+        cells = [f"{np.mean(values[m]):.3f} ({np.std(values[m], ddof=1):.3f})" for m in present]
+        for m in present:
+            if m != "loop":
+                d = difference_interval(values["loop"], values[m])
+                cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{' separated' if d['separated'] else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floor = [f"{m} {np.sqrt(np.mean(np.var(np.stack(list(per_method[m].values())), axis=0, ddof=1))):.3f}" for m in present]
+    lines += ["", "Noise floor of the sd over cells (within-cell sd over seeds, pooled over cells): " + ", ".join(floor) + "."]
     return lines
 
 

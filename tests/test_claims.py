@@ -144,6 +144,16 @@ def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_met
     assert "| ppo | 9 of 9 | 0.110 (1x, 1e-3) | 0.330 (6.25x, 4e-3) |" in out
     assert {"robustness_loop.png", "robustness_ppo.png"} <= set(os.listdir(study))
     assert "grpo" not in out  # no runs, no row
+    # intervals over 3 seeds: every difference has sd 0.01 per side, so Welch's half-width is t(0.975, 4) * 0.01 * sqrt(2/3)
+    half = stats.t.ppf(0.975, 4) * 0.01 * (2 / 3) ** 0.5
+    assert f"| 1x | +0.200 [{0.2 - half:+.3f}, {0.2 + half:+.3f}] |" in out
+    assert "LOOP ahead of PPO in 6 of 9 cells; separated in 6 of 9 (LOOP ahead in 6, PPO in 0)." in out  # the 6.25x row's -0.02..0 are within +-0.023
+    # one seed's grid: LOOP 0.30 + 0.01 s everywhere, PPO 0.21 + 0.01 s on average and 0.10 + 0.01 s at worst
+    assert f"| mean over cells | 0.310 (0.010) | 0.220 (0.010) | +0.090 [{0.09 - half:+.3f}, {0.09 + half:+.3f}] separated |" in out
+    assert "| worst cell | 0.310 (0.010) | 0.110 (0.010) | +0.200 [" in out
+    ppo_sd = float(np.std([0.1 * (i + 1) + 0.01 * j for i in range(3) for j in range(3)], ddof=1))  # the same every seed
+    assert f"| sd over cells | 0.000 (0.000) | {ppo_sd:.3f} (0.000) | {-ppo_sd:+.3f} [{-ppo_sd:+.3f}, {-ppo_sd:+.3f}] separated |" in out
+    assert "Noise floor of the sd over cells (within-cell sd over seeds, pooled over cells): loop 0.010, ppo 0.010." in out
     loop_claims.main(["--study", "robustness", "--report_only", "--results", str(tmp_path), "--seeds", "0"])
     out = capsys.readouterr().out  # a part of the seeds: seed 0's runs alone
     assert "| 1x | +0.200 | +0.190 | +0.180 |" in out and "LOOP ahead of PPO in 6 of 9 cells." in out  # a tie is not ahead
