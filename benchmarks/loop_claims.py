@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -331,6 +332,15 @@ def report_robustness(folder: str, seeds=None) -> list[str]:
         fig.tight_layout()
         fig.savefig(os.path.join(folder, f"robustness_{method}.png"), dpi=120)
         plt.close(fig)
+    for method, (mean, sem, count) in grids.items():  # the heat maps' numbers as a table
+        if np.isfinite(mean).any():
+            lines += ["", f"{method}: final strict accuracy per cell, mean +- standard error over seeds (seeds):", "",
+                      "| clip range | " + " | ".join(f"lr {lr}" for lr in LEARNING_RATES) + " |",
+                      "|" + " --- |" * (len(LEARNING_RATES) + 1)]
+            for i, multiple in enumerate(CLIP_MULTIPLES):
+                lines.append(f"| {multiple:g}x | " + " | ".join(
+                    "" if not count[i, j] else f"{mean[i, j]:.3f}" + (f" +- {sem[i, j]:.3f}" if count[i, j] > 1 else "")
+                    + f" ({count[i, j]})" for j in range(len(LEARNING_RATES))) + " |")
     loop, ppo = grids["loop"][0], grids["ppo"][0]
     both = np.isfinite(loop) & np.isfinite(ppo)
     if both.any():
@@ -356,13 +366,13 @@ def report_robustness(folder: str, seeds=None) -> list[str]:
     return lines + grid_statistics(folder, seeds)
 
 
-def seed_grids(folder: str, method: str, seeds=None) -> dict[int, np.ndarray]:
-    """Each seed's own grid of final strict accuracy of ``method``, for the seeds with a run in every cell."""
+def seed_grids(folder: str, method: str, seeds=None, metric: str = "train_strict") -> dict[int, np.ndarray]:
+    """Each seed's own grid of ``metric`` of ``method``, for the seeds with a run in every cell."""
     grids: dict[int, np.ndarray] = {}
     for i, multiple in enumerate(CLIP_MULTIPLES):
         for r in by_method(load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds), method):
             grid = grids.setdefault(r["seed"], np.full((len(CLIP_MULTIPLES), len(LEARNING_RATES)), np.nan))
-            grid[i, [abs(float(lr) - r["lr"]) < 1e-12 for lr in LEARNING_RATES]] = final(r, "train_strict")[0]
+            grid[i, [abs(float(lr) - r["lr"]) < 1e-12 for lr in LEARNING_RATES]] = final(r, metric)[0]
     return {seed: grid for seed, grid in sorted(grids.items()) if np.isfinite(grid).all()}
 
 
@@ -376,22 +386,26 @@ def grid_statistics(folder: str, seeds=None) -> list[str]:
     statistic of the grid has one value per seed and LOOP - PPO gets Welch's interval over those seeds.
     A single seed's worst cell and sd over cells carry that seed's noise too; the noise floor line gives
     the sd over cells that seed noise alone would make (the within-cell sd over seeds, pooled)."""
-    per_method = {m: seed_grids(folder, m, seeds) for m in ("loop", "ppo", "grpo")}
-    present = [m for m, g in per_method.items() if len(g) >= 2]
+    per_metric = {metric: {m: seed_grids(folder, m, seeds, metric) for m in ("loop", "ppo", "grpo")}
+                  for metric in ("train_strict", "heldout_strict")}
+    present = [m for m, g in per_metric["train_strict"].items() if len(g) >= 2]
     if "loop" not in present or len(present) < 2:
         return []
+    per_method = per_metric["train_strict"]
     lines = ["", "Statistics of one seed's whole grid (each seed that ran all 9 cells is one replicate):", "",
-             "| statistic | " + " | ".join(f"{m}: mean (sd) over {len(per_method[m])} seeds" for m in present)
-             + " | " + " | ".join(f"loop - {m} [95% over seeds]" for m in present if m != "loop") + " |",
-             "|" + " --- |" * (1 + 2 * len(present) - 1)]
-    for name, statistic in GRID_STATISTICS.items():
-        values = {m: [float(statistic(g)) for g in per_method[m].values()] for m in present}
+             "| statistic | metric | " + " | ".join(f"{m}: mean (sd) over {len(per_method[m])} seeds" for m in present)
+             + " | " + " | ".join(f"loop - {m} [95% over seeds] (seeds per method to separate)" for m in present if m != "loop")
+             + " |", "|" + " --- |" * (2 + 2 * len(present) - 1)]
+    for (name, statistic), metric in itertools.product(GRID_STATISTICS.items(), per_metric):
+        values = {m: [float(statistic(g)) for g in per_metric[metric][m].values()] for m in present}
         cells = [f"{np.mean(values[m]):.3f} ({np.std(values[m], ddof=1):.3f})" for m in present]
         for m in present:
             if m != "loop":
                 d = difference_interval(values["loop"], values[m])
-                cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{' separated' if d['separated'] else ''}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                needed = seeds_to_separate(d["diff"], float(np.sqrt((np.var(values["loop"], ddof=1) + np.var(values[m], ddof=1)) / 2)))
+                cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{' separated' if d['separated'] else ''} "
+                             f"({needed if needed < 10_000 else '> 10,000'})")
+        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
     floor = [f"{m} {np.sqrt(np.mean(np.var(np.stack(list(per_method[m].values())), axis=0, ddof=1))):.3f}" for m in present]
     lines += ["", "Noise floor of the sd over cells (within-cell sd over seeds, pooled over cells): " + ", ".join(floor) + "."]
     return lines

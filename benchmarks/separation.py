@@ -50,16 +50,16 @@ def seeds_to_separate(diff: float, sd: float, alpha: float = 0.05, power: float 
     """Seeds per method a two-sided two-sample t-test needs to detect ``diff`` with ``power``,
     when one run's final number varies with standard deviation ``sd`` over seeds (the exact
     noncentral-t power, not the normal approximation, which undercounts at small n)."""
+    if diff == 0:  # no difference is ever separated, however steady the runs
+        return max_seeds
     if sd <= 0:
         return 2
-    if diff == 0:
-        return max_seeds
     effect = abs(diff) / sd
     for n in range(2, max_seeds + 1):
         df = 2 * n - 2
         critical = stats.t.ppf(1 - alpha / 2, df)
         noncentrality = effect * math.sqrt(n / 2)
         achieved = stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality)
-        if achieved >= power:
+        if achieved >= power or not math.isfinite(achieved):  # scipy gives nan past a noncentrality of ~1e12: power 1
             return n
     return max_seeds

@@ -38,6 +38,8 @@ def test_the_seeds_needed_match_the_published_power_tables_and_simulation():
     # two-sided two-sample t-test, alpha 0.05, power 0.8 (Cohen 1988; G*Power gives the same): d = 0.5 -> 64, 0.8 -> 26, 1 -> 17
     assert [seeds_to_separate(d, 1.0) for d in (0.5, 0.8, 1.0)] == [64, 26, 17]
     assert seeds_to_separate(-0.8, 1.0) == 26 and seeds_to_separate(0.0, 0.05) == 10_000
+    assert seeds_to_separate(0.087, 1e-17) == 2  # a huge effect (scipy's noncentral t gives nan there) needs the fewest
+    assert seeds_to_separate(0.0, 0.0) == 10_000 and seeds_to_separate(0.01, 0.0) == 2
     n = seeds_to_separate(0.04, 0.03)
     rng = np.random.default_rng(1)
 
@@ -149,10 +151,17 @@ def test_the_robustness_report_finds_the_worst_cell_and_draws_a_heat_map_per_met
     assert f"| 1x | +0.200 [{0.2 - half:+.3f}, {0.2 + half:+.3f}] |" in out
     assert "LOOP ahead of PPO in 6 of 9 cells; separated in 6 of 9 (LOOP ahead in 6, PPO in 0)." in out  # the 6.25x row's -0.02..0 are within +-0.023
     # one seed's grid: LOOP 0.30 + 0.01 s everywhere, PPO 0.21 + 0.01 s on average and 0.10 + 0.01 s at worst
-    assert f"| mean over cells | 0.310 (0.010) | 0.220 (0.010) | +0.090 [{0.09 - half:+.3f}, {0.09 + half:+.3f}] separated |" in out
-    assert "| worst cell | 0.310 (0.010) | 0.110 (0.010) | +0.200 [" in out
+    assert f"| 6.25x | 0.310 +- {0.01 / 3 ** 0.5:.3f} (3) |" in out  # the per-cell table: sd 0.01 over 3 seeds
+    assert f"| 1x | 0.110 +- {0.01 / 3 ** 0.5:.3f} (3) | 0.120 +- " in out
+    means = {"loop": [0.30 + 0.01 * s for s in range(3)],
+             "ppo": [np.mean([0.1 * (i + 1) + 0.01 * j + 0.01 * s for i in range(3) for j in range(3)]) for s in range(3)]}
+    needed = seeds_to_separate(0.09, float(np.sqrt((np.var(means["loop"], ddof=1) + np.var(means["ppo"], ddof=1)) / 2)))
+    assert (f"| mean over cells | train_strict | 0.310 (0.010) | 0.220 (0.010) | +0.090 [{0.09 - half:+.3f}, {0.09 + half:+.3f}] separated "
+            f"({needed}) |") in out
+    assert "| worst cell | train_strict | 0.310 (0.010) | 0.110 (0.010) | +0.200 [" in out
     ppo_sd = float(np.std([0.1 * (i + 1) + 0.01 * j for i in range(3) for j in range(3)], ddof=1))  # the same every seed
-    assert f"| sd over cells | 0.000 (0.000) | {ppo_sd:.3f} (0.000) | {-ppo_sd:+.3f} [{-ppo_sd:+.3f}, {-ppo_sd:+.3f}] separated |" in out
+    assert f"| sd over cells | train_strict | 0.000 (0.000) | {ppo_sd:.3f} (0.000) | {-ppo_sd:+.3f} [{-ppo_sd:+.3f}, {-ppo_sd:+.3f}] separated (2) |" in out
+    assert "| mean over cells | heldout_strict | 0.300 (0.000) | 0.300 (0.000) | +0.000 [+0.000, +0.000] (> 10,000) |" in out
     assert "Noise floor of the sd over cells (within-cell sd over seeds, pooled over cells): loop 0.010, ppo 0.010." in out
     loop_claims.main(["--study", "robustness", "--report_only", "--results", str(tmp_path), "--seeds", "0"])
     out = capsys.readouterr().out  # a part of the seeds: seed 0's runs alone
