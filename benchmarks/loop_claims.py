@@ -154,19 +154,27 @@ def final(run: dict, metric: str) -> tuple[float, float]:
     raise ValueError(f"unknown metric {metric!r}")
 
 
+def pooled_sd(a, b) -> float:
+    """The two sides' standard deviation over seeds (ddof 1), pooled with equal weight."""
+    return float(np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2))
+
+
+def seeds_text(needed: int) -> str:
+    return f"{needed}" if needed < 10_000 else "> 10,000"
+
+
 def compare(name: str, a: list[dict], b: list[dict], metric: str) -> dict:
     """One comparison row: side a minus side b on ``metric``, over the seeds each side has."""
     values_a, sems_a = zip(*(final(r, metric) for r in a))
     values_b, sems_b = zip(*(final(r, metric) for r in b))
     interval = difference_interval(values_a, values_b)
-    pooled_sd = float(np.sqrt((np.var(values_a, ddof=1) + np.var(values_b, ddof=1)) / 2))
     eval_low, eval_high = evaluation_interval(interval["diff"], float(np.mean(sems_a)), float(np.mean(sems_b)),
                                               min(len(a), len(b)))
     return {"comparison": name, "metric": metric, "seeds": (len(a), len(b)),
             "a": (float(np.mean(values_a)), float(np.std(values_a, ddof=1))),
             "b": (float(np.mean(values_b)), float(np.std(values_b, ddof=1))),
             **interval, "eval_low": eval_low, "eval_high": eval_high,
-            "seeds_needed": seeds_to_separate(interval["diff"], pooled_sd)}
+            "seeds_needed": seeds_to_separate(interval["diff"], pooled_sd(values_a, values_b))}
 
 
 def tracker_engaged(runs: list[dict]) -> float:
@@ -182,7 +190,7 @@ def comparison_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['comparison']} | {r['metric']} | {r['seeds'][0]}, {r['seeds'][1]} | {r['a'][0]:.3f} ({r['a'][1]:.3f}) | "
                      f"{r['b'][0]:.3f} ({r['b'][1]:.3f}) | {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | "
                      f"[{r['eval_low']:+.3f}, {r['eval_high']:+.3f}] | {'yes' if r['separated'] else 'no'} | "
-                     f"{r['seeds_needed'] if r['seeds_needed'] < 10_000 else '> 10,000'} |")
+                     f"{seeds_text(r['seeds_needed'])} |")
     return lines
 
 
@@ -284,19 +292,36 @@ def plot_k(folder: str, groups: dict[str, list[dict]], alone: dict[str, float]) 
     plt.close(fig)
 
 
-def robustness_grid(folder: str, method: str, seeds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def robustness_cells(folder: str, seeds=None) -> list[list[dict]]:
+    """Each clip row's runs (every method and lr), read once for the whole report."""
+    return [load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds) for multiple in CLIP_MULTIPLES]
+
+
+def cell_values(runs: list[dict], method: str, lr: str, metric: str = "train_strict") -> list[float]:
+    """``metric`` of each seed of ``method`` at ``lr`` in one clip row's runs."""
+    return [final(r, metric)[0] for r in by_method(runs, method, float(lr))]
+
+
+def robustness_grid(cells: list[list[dict]], method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean final strict, its standard error over seeds, seeds) per (clip multiple, lr) cell of ``method``."""
     shape = (len(CLIP_MULTIPLES), len(LEARNING_RATES))
     mean, sem, count = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, dtype=int)
-    for i, multiple in enumerate(CLIP_MULTIPLES):
-        runs = load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds)
+    for i, runs in enumerate(cells):
         for j, lr in enumerate(LEARNING_RATES):
-            values = [final(r, "train_strict")[0] for r in by_method(runs, method, float(lr))]
+            values = cell_values(runs, method, lr)
             count[i, j] = len(values)
             if values:
                 mean[i, j] = np.mean(values)
                 sem[i, j] = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
     return mean, sem, count
+
+
+def grid_table(title: str, entry) -> list[str]:
+    """A clip range x learning rate table in markdown; ``entry(i, j)`` is the text of one cell."""
+    return (["", title, "", "| clip range | " + " | ".join(f"lr {lr}" for lr in LEARNING_RATES) + " |",
+             "|" + " --- |" * (len(LEARNING_RATES) + 1)]
+            + [f"| {multiple:g}x | " + " | ".join(entry(i, j) for j in range(len(LEARNING_RATES))) + " |"
+               for i, multiple in enumerate(CLIP_MULTIPLES)])
 
 
 def report_robustness(folder: str, seeds=None) -> list[str]:
@@ -307,7 +332,8 @@ def report_robustness(folder: str, seeds=None) -> list[str]:
 
     lines = ["| method | cells with runs | worst cell (clip x, lr) | best cell | mean over cells | sd over cells |",
              "| --- | --- | --- | --- | --- | --- |"]
-    grids = {method: robustness_grid(folder, method, seeds) for method in ("loop", "ppo", "grpo")}
+    cells = robustness_cells(folder, seeds)
+    grids = {method: robustness_grid(cells, method) for method in ("loop", "ppo", "grpo")}
     finite = np.concatenate([g[0][np.isfinite(g[0])] for g in grids.values()])
     scale = dict(vmin=float(finite.min()), vmax=float(finite.max())) if finite.size else {}  # one colour scale
     for method, (mean, sem, count) in grids.items():
@@ -334,43 +360,33 @@ def report_robustness(folder: str, seeds=None) -> list[str]:
         plt.close(fig)
     for method, (mean, sem, count) in grids.items():  # the heat maps' numbers as a table
         if np.isfinite(mean).any():
-            lines += ["", f"{method}: final strict accuracy per cell, mean +- standard error over seeds (seeds):", "",
-                      "| clip range | " + " | ".join(f"lr {lr}" for lr in LEARNING_RATES) + " |",
-                      "|" + " --- |" * (len(LEARNING_RATES) + 1)]
-            for i, multiple in enumerate(CLIP_MULTIPLES):
-                lines.append(f"| {multiple:g}x | " + " | ".join(
-                    "" if not count[i, j] else f"{mean[i, j]:.3f}" + (f" +- {sem[i, j]:.3f}" if count[i, j] > 1 else "")
-                    + f" ({count[i, j]})" for j in range(len(LEARNING_RATES))) + " |")
+            lines += grid_table(f"{method}: final strict accuracy per cell, mean +- standard error over seeds (seeds):",
+                                lambda i, j: "" if not count[i, j] else f"{mean[i, j]:.3f}"
+                                + (f" +- {sem[i, j]:.3f}" if count[i, j] > 1 else "") + f" ({count[i, j]})")
     loop, ppo = grids["loop"][0], grids["ppo"][0]
     both = np.isfinite(loop) & np.isfinite(ppo)
     if both.any():
-        lines += ["", "LOOP - PPO per cell (means over seeds; [Welch's 95% over seeds] where both have 2 or more):", "",
-                  "| clip range | " + " | ".join(f"lr {lr}" for lr in LEARNING_RATES) + " |",
-                  "|" + " --- |" * (len(LEARNING_RATES) + 1)]
-        separated = []
-        for i, multiple in enumerate(CLIP_MULTIPLES):
-            runs = load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds)
-            entries = []
+        intervals = {}  # (i, j) -> Welch's interval, where both methods have 2 or more seeds
+        for i, runs in enumerate(cells):
             for j, lr in enumerate(LEARNING_RATES):
-                values = {m: [final(r, "train_strict")[0] for r in by_method(runs, m, float(lr))] for m in ("loop", "ppo")}
-                entry = f"{loop[i, j] - ppo[i, j]:+.3f}" if both[i, j] else ""
-                if min(len(v) for v in values.values()) >= 2:
-                    interval = difference_interval(values["loop"], values["ppo"])
-                    entry += f" [{interval['low']:+.3f}, {interval['high']:+.3f}]"
-                    separated.append(np.sign(interval["diff"]) if interval["separated"] else 0)
-                entries.append(entry)
-            lines.append(f"| {multiple:g}x | " + " | ".join(entries) + " |")
+                values = [cell_values(runs, m, lr) for m in ("loop", "ppo")]
+                if min(map(len, values)) >= 2:
+                    intervals[i, j] = difference_interval(*values)
+        lines += grid_table("LOOP - PPO per cell (means over seeds; [Welch's 95% over seeds] where both have 2 or more):",
+                            lambda i, j: (f"{loop[i, j] - ppo[i, j]:+.3f}" if both[i, j] else "")
+                            + (f" [{intervals[i, j]['low']:+.3f}, {intervals[i, j]['high']:+.3f}]" if (i, j) in intervals else ""))
+        separated = [np.sign(d["diff"]) for d in intervals.values() if d["separated"]]
         lines += ["", f"LOOP ahead of PPO in {int((loop > ppo)[both].sum())} of {int(both.sum())} cells"
-                  + (f"; separated in {np.count_nonzero(separated)} of {len(separated)} (LOOP ahead in "
-                     f"{separated.count(1)}, PPO in {separated.count(-1)})." if separated else ".")]
-    return lines + grid_statistics(folder, seeds)
+                  + (f"; separated in {len(separated)} of {len(intervals)} (LOOP ahead in "
+                     f"{separated.count(1)}, PPO in {separated.count(-1)})." if intervals else ".")]
+    return lines + grid_statistics(cells)
 
 
-def seed_grids(folder: str, method: str, seeds=None, metric: str = "train_strict") -> dict[int, np.ndarray]:
+def seed_grids(cells: list[list[dict]], method: str, metric: str = "train_strict") -> dict[int, np.ndarray]:
     """Each seed's own grid of ``metric`` of ``method``, for the seeds with a run in every cell."""
     grids: dict[int, np.ndarray] = {}
-    for i, multiple in enumerate(CLIP_MULTIPLES):
-        for r in by_method(load_runs(os.path.join(folder, f"clip{multiple:g}x"), seeds), method):
+    for i, runs in enumerate(cells):
+        for r in by_method(runs, method):
             grid = grids.setdefault(r["seed"], np.full((len(CLIP_MULTIPLES), len(LEARNING_RATES)), np.nan))
             grid[i, [abs(float(lr) - r["lr"]) < 1e-12 for lr in LEARNING_RATES]] = final(r, metric)[0]
     return {seed: grid for seed, grid in sorted(grids.items()) if np.isfinite(grid).all()}
@@ -381,31 +397,31 @@ def seed_grids(folder: str, method: str, seeds=None, metric: str = "train_strict
 GRID_STATISTICS = {"mean over cells": np.mean, "worst cell": np.min, "sd over cells": lambda g: float(np.std(g, ddof=1))}
 
 
-def grid_statistics(folder: str, seeds=None) -> list[str]:
+def grid_statistics(cells: list[list[dict]]) -> list[str]:
     """Robustness with intervals: each seed that ran every cell is one replicate of the whole grid, so a
     statistic of the grid has one value per seed and LOOP - PPO gets Welch's interval over those seeds.
     A single seed's worst cell and sd over cells carry that seed's noise too; the noise floor line gives
     the sd over cells that seed noise alone would make (the within-cell sd over seeds, pooled)."""
-    per_metric = {metric: {m: seed_grids(folder, m, seeds, metric) for m in ("loop", "ppo", "grpo")}
+    per_metric = {metric: {m: seed_grids(cells, m, metric) for m in ("loop", "ppo", "grpo")}
                   for metric in ("train_strict", "heldout_strict")}
-    present = [m for m, g in per_metric["train_strict"].items() if len(g) >= 2]
+    per_method = per_metric["train_strict"]
+    present = [m for m, g in per_method.items() if len(g) >= 2]
     if "loop" not in present or len(present) < 2:
         return []
-    per_method = per_metric["train_strict"]
     lines = ["", "Statistics of one seed's whole grid (each seed that ran all 9 cells is one replicate):", "",
              "| statistic | metric | " + " | ".join(f"{m}: mean (sd) over {len(per_method[m])} seeds" for m in present)
              + " | " + " | ".join(f"loop - {m} [95% over seeds] (seeds per method to separate)" for m in present if m != "loop")
              + " |", "|" + " --- |" * (2 + 2 * len(present) - 1)]
     for (name, statistic), metric in itertools.product(GRID_STATISTICS.items(), per_metric):
         values = {m: [float(statistic(g)) for g in per_metric[metric][m].values()] for m in present}
-        cells = [f"{np.mean(values[m]):.3f} ({np.std(values[m], ddof=1):.3f})" for m in present]
+        row = [f"{np.mean(values[m]):.3f} ({np.std(values[m], ddof=1):.3f})" for m in present]
         for m in present:
             if m != "loop":
                 d = difference_interval(values["loop"], values[m])
-                needed = seeds_to_separate(d["diff"], float(np.sqrt((np.var(values["loop"], ddof=1) + np.var(values[m], ddof=1)) / 2)))
-                cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{' separated' if d['separated'] else ''} "
-                             f"({needed if needed < 10_000 else '> 10,000'})")
-        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+                needed = seeds_to_separate(d["diff"], pooled_sd(values["loop"], values[m]))
+                row.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{' separated' if d['separated'] else ''} "
+                           f"({seeds_text(needed)})")
+        lines.append(f"| {name} | {metric} | " + " | ".join(row) + " |")
     floor = [f"{m} {np.sqrt(np.mean(np.var(np.stack(list(per_method[m].values())), axis=0, ddof=1))):.3f}" for m in present]
     lines += ["", "Noise floor of the sd over cells (within-cell sd over seeds, pooled over cells): " + ", ".join(floor) + "."]
     return lines
